@@ -1,0 +1,71 @@
+# fastlm entry points. `make test` and `make demo` work on a fresh machine: they create
+# .venv (reusing a preinstalled torch through --system-site-packages), install fastlm
+# editable and run. On a machine without a GPU the Triton kernels run through the Triton
+# interpreter (TRITON_INTERPRET=1), so CI exercises the real kernels.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch 2.13 ships on these machines; an unpinned torch would pull
+# gigabytes of CUDA packages, so pin it when torch is missing.
+TORCH_PIN ?= torch==2.13.0
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_GPU),1)
+  RUN_ENV :=
+else
+  RUN_ENV := TRITON_INTERPRET=1
+endif
+PYTEST_ARGS ?=
+
+.PHONY: help venv test demo bench gpu-test check lint format clean
+
+help:
+	@echo "make test      set up .venv and run the test suite (Triton interpreter without a GPU)"
+	@echo "make demo      MiniLM BERT and GPT-2 through fastlm vs Hugging Face"
+	@echo "make bench     kernel and model benchmarks (needs a GPU)"
+	@echo "make gpu-test  the test suite on a GPU, offline (reuses the installed torch/triton)"
+	@echo "make lint      ruff check and format check"
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@touch $@
+
+# Full set-up with test extras (needs the package registry).
+$(VENV)/.stamp-test: $(VENV)/.stamp-venv pyproject.toml setup.py
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "setuptools>=77" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,dev]"
+	@touch $@
+
+# Offline set-up (GPU machines have no network): everything must already be installed.
+$(VENV)/.stamp-offline: $(VENV)/.stamp-venv pyproject.toml setup.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	@touch $@
+
+venv: $(VENV)/.stamp-test
+
+test: $(VENV)/.stamp-test
+	$(RUN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+check: $(VENV)/.stamp-test
+	$(RUN_ENV) $(PY) -m fastlm check
+
+demo: $(VENV)/.stamp-test
+	$(PY) -m fastlm demo
+
+gpu-test: $(VENV)/.stamp-offline
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(if $(wildcard $(VENV)/.stamp-test),$(VENV)/.stamp-test,$(VENV)/.stamp-offline)
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,79 @@
+"""Input validation shared by the public ops.
+
+Every public op validates before launching anything; each message names the op, what was
+expected and what was given. Silent wrong results are the one unforgivable bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(op: str, name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastlm.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(_name(d) for d in FLOAT_DTYPES)
+        raise TypeError(f"fastlm.{op}: {name} must be one of {allowed}, got {_name(t.dtype)}")
+
+
+def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(
+                f"fastlm.{op}: {name} has dtype {_name(t.dtype)} but {ref_name} has "
+                f"{_name(ref.dtype)}; operands must share one dtype"
+            )
+
+
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"fastlm.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "all operands must be on one device"
+            )
+
+
+def check_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"fastlm.{op}: {name} must have a contiguous last dimension (stride 1), "
+            f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}"
+        )
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """``expected`` entries of None match any size."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"fastlm.{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(
+            f"fastlm.{op}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}"
+        )
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` (..., N) as (M, N) without copying when its strides allow it.
+
+    Leading dims that do not collapse into one row stride force a copy (reshape); the
+    last dim is contiguous by validation.
+    """
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
