@@ -1,5 +1,4 @@
-"""Public functional ops: validation, autograd, torch.library custom op registration."""
+"""Public functional ops: validation, autograd, torch.library custom op registration.
 
-from fastlm.ops.layer_norm import layer_norm
-
-__all__ = ["layer_norm"]
+One module per op; ``fastlm`` re-exports the public functions lazily.
+"""
