@@ -14,7 +14,7 @@ from setuptools import setup
 def _cuda_extension_kwargs() -> dict:
     if os.environ.get("FASTLM_BUILD_CUDA", "0") != "1":
         return {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: PLC0415
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join(here, "csrc")

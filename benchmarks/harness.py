@@ -68,9 +68,15 @@ def git_sha() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         return "unknown"
@@ -127,7 +133,9 @@ class Results:
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def save(self, *, table_cols: list[str] | None = None, plot: Callable[[str], None] | None = None) -> str:
+    def save(
+        self, *, table_cols: list[str] | None = None, plot: Callable[[str], None] | None = None
+    ) -> str:
         folder = self.folder()
         base = os.path.join(folder, self.name)
         with open(base + ".json", "w") as f:

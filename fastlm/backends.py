@@ -165,7 +165,9 @@ def choose(
     if explicit is not None:
         r = reason(explicit)
         if r is not None:
-            raise BackendUnavailableError(f"{where}: backend {explicit!r} cannot serve this call: {r}")
+            raise BackendUnavailableError(
+                f"{where}: backend {explicit!r} cannot serve this call: {r}"
+            )
         return explicit
 
     for b in _automatic_order(op, device):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels._launch import next_pow2, num_programs_hint
 
 MAX_N = 16384
@@ -140,7 +139,11 @@ def layer_norm_fwd(
     and ``store_z`` (else None), mean and rstd (M,) fp32."""
     m, n = x.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    z = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None and store_z else None
+    z = (
+        torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if residual is not None and store_z
+        else None
+    )
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -174,15 +177,19 @@ def layer_norm_bwd(
     """dy, dz_extra, z: (M, N). Returns dz (M, N), dweight and dbias (N,) fp32 (or None)."""
     m, n = z.shape
     dz = torch.empty((m, n), dtype=dz_dtype, device=z.device)
-    block_m, block_n, num_warps = _tile(n)
-    programs = max(1, min(triton.cdiv(m, block_m), 4 * num_programs_hint(z.device)))
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    programs = max(1, triton.cdiv(m, rows_per_program))
-    dw_part = torch.empty((programs, n), dtype=torch.float32, device=z.device) if need_dweight else None
-    db_part = torch.empty((programs, n), dtype=torch.float32, device=z.device) if need_dbias else None
     if m == 0:
         zeros = torch.zeros((n,), dtype=torch.float32, device=z.device)
         return dz, zeros if need_dweight else None, zeros.clone() if need_dbias else None
+    block_m, block_n, num_warps = _tile(n)
+    programs = max(1, min(triton.cdiv(m, block_m), 4 * num_programs_hint(z.device)))
+    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+    programs = triton.cdiv(m, rows_per_program)
+    dw_part = (
+        torch.empty((programs, n), dtype=torch.float32, device=z.device) if need_dweight else None
+    )
+    db_part = (
+        torch.empty((programs, n), dtype=torch.float32, device=z.device) if need_dbias else None
+    )
     _layer_norm_bwd_kernel[(programs,)](
         dy, dz_extra if dz_extra is not None else dy, z,
         weight if weight is not None else dy, mean, rstd, dz,

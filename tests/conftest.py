@@ -8,9 +8,9 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.parity import KERNEL_DTYPES  # noqa: E402
+from tests.parity import KERNEL_DTYPES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"

@@ -16,7 +16,9 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: str | None = None):  # fmt: skip
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        super().__init__(
+            normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype
+        )
         if len(self.normalized_shape) != 1:
             raise NotImplementedError(
                 f"fastlm.nn.LayerNorm normalizes the last dimension only; got normalized_shape "
@@ -43,4 +45,6 @@ class LayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
+        return layer_norm(
+            x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend
+        )

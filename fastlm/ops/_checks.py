@@ -29,7 +29,9 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"fastlm.{op}: {name} must be one of {allowed}, got {_name(t.dtype)}")
 
 
-def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+def check_same_dtype(
+    op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None
+) -> None:
     for name, t in others.items():
         if t is not None and t.dtype != ref.dtype:
             raise TypeError(
@@ -38,7 +40,9 @@ def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.
             )
 
 
-def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+def check_same_device(
+    op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None
+) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
             raise ValueError(
@@ -59,7 +63,8 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int | No
     """``expected`` entries of None match any size."""
     ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        parts = ["*" if e is None else str(e) for e in expected]
+        want = "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
         raise ValueError(f"fastlm.{op}: {name} must have shape {want}, got {tuple(t.shape)}")
 
 
@@ -77,3 +82,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     last dim is contiguous by validation.
     """
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def unit_stride_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Incoming gradients can be expanded (stride 0) or strided views; kernels need a
+    contiguous last dim. Copies only when that is not already so."""
+    if t is None or t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    return t.contiguous()

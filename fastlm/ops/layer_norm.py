@@ -56,8 +56,11 @@ def _bwd_impl(dy, dz_extra, z, weight, mean, rstd, need_dw, need_db, backend):
         dz, dw, _ = ref.layer_norm_backward(dy, z, weight, None, mean, rstd, dz_extra)
         dw = dw.float() if need_dw else None
         db = dy.float().sum(0) if need_db else None
-    empty = z.new_empty((0,), dtype=torch.float32)
-    return dz, dw if need_dw else empty, db if need_db else empty
+
+    def empty():
+        return z.new_empty((0,), dtype=torch.float32)
+
+    return dz, dw if need_dw else empty(), db if need_db else empty()
 
 
 # ------------------------------------------------------------------ custom ops
@@ -107,7 +110,7 @@ def _(dy, dz_extra, z, weight, mean, rstd, need_dw, need_db, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, eps, backend = inputs
+    x, weight, bias, residual, _eps, backend = inputs
     _, z, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.backend = backend
@@ -121,6 +124,7 @@ def _backward(ctx, dy, dz_out, dmean, drstd):
     dz_extra = dz_out if ctx.has_residual and dz_out is not None and dz_out.numel() else None
     if dy is None:
         dy = torch.zeros_like(z)
+    dy, dz_extra = C.unit_stride_last(dy), C.unit_stride_last(dz_extra)
     dz, dw, db = _layer_norm_bwd(dy, dz_extra, z, weight, mean, rstd, need_dw, need_db, ctx.backend)
     dw = dw.to(weight.dtype) if need_dw else None
     db = db.to(bias.dtype) if need_db else None
@@ -140,7 +144,9 @@ def _validate(x, weight, bias, eps, residual):
         raise ValueError(f"fastlm.{OP}: x must have at least 1 dimension, got a 0-d tensor")
     n = x.shape[-1]
     if n == 0:
-        raise ValueError(f"fastlm.{OP}: the normalized (last) dimension of x is empty, shape {tuple(x.shape)}")
+        raise ValueError(
+            f"fastlm.{OP}: the normalized (last) dimension of x is empty, shape {tuple(x.shape)}"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             C.check_tensor(OP, name, t)

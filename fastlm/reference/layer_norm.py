@@ -1,8 +1,8 @@
 """LayerNorm with optional fused residual add, in plain PyTorch.
 
-    z = x + residual            (or z = x)
-    mean = mean(z, -1),  rstd = 1 / sqrt(var(z, -1, biased) + eps)
-    y = (z - mean) * rstd * weight + bias
+z = x + residual            (or z = x)
+mean = mean(z, -1),  rstd = 1 / sqrt(var(z, -1, biased) + eps)
+y = (z - mean) * rstd * weight + bias
 """
 
 from __future__ import annotations
