@@ -38,7 +38,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
 
 MAX_HEAD_DIM = 256

@@ -128,7 +128,7 @@ def _validate(q, k_cache, v_cache, k, v, causal, softmax_scale):
         C.check_tensor(OP, "k", k)
         C.check_tensor(OP, "v", v)
     bsz, sq, h, d = q.shape
-    s_max, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[2]
     C.check_shape(OP, "k_cache", k_cache, (bsz, None, None, d))
     C.check_shape(OP, "v_cache", v_cache, tuple(k_cache.shape))
     if hkv == 0 or h % hkv != 0:
