@@ -1,0 +1,118 @@
+"""fastlm command line: ``python -m fastlm info | check | bench | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+OPS = [
+    "layer_norm",
+    "linear_gelu",
+    "gelu_ffn",
+    "attention",
+    "attention_varlen",
+    "attention_with_kvcache",
+]
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _version(mod: str) -> str:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "?")
+    except Exception:
+        return "not installed"
+
+
+def cmd_info(_args) -> int:
+    import torch
+
+    import fastlm
+    from fastlm import backends, dispatch_table
+
+    dev = _device()
+    print(
+        f"fastlm {fastlm.__version__}  python {platform.python_version()}  torch {torch.__version__}"
+    )
+    print(
+        f"triton {_version('triton')}  transformers {_version('transformers')}  CUDA {torch.version.cuda}"
+    )
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {dev} — {name}")
+    print(
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  FASTLM_BACKEND={os.environ.get('FASTLM_BACKEND', '')!r}"
+    )
+    print("\nbackends on this device:")
+    for b in backends.BACKENDS:
+        reason = backends.device_reason(b, dev)
+        print(f"  {b:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    forced = backends.get_backend()
+    print("\nops (automatic choice on this device):")
+    for op in OPS:
+        order = dispatch_table.preferred_order(op) if dev.type == "cuda" else ("torch",)
+        chosen = forced or next(
+            (b for b in order if backends.device_reason(b, dev) is None), "torch"
+        )
+        module = fastlm._LAZY.get(op)
+        try:
+            importlib.import_module(module)
+            present = ""
+        except ModuleNotFoundError:
+            present = "  (op not built yet)"
+        print(f"  {op:<24} -> {chosen:<7} order {'/'.join(order)}{present}")
+    if dev.type == "cpu":
+        print("\nOn CPU tensors the torch reference serves by default; set TRITON_INTERPRET=1 and")
+        print("FASTLM_BACKEND=triton to run the Triton kernels through the interpreter.")
+    return 0
+
+
+def cmd_check(_args) -> int:
+    from fastlm import selfcheck
+
+    return selfcheck.main(_device())
+
+
+def cmd_bench(args) -> int:
+    try:
+        from benchmarks import run_all
+    except ModuleNotFoundError:
+        print("the benchmarks live in the fastlm repository (benchmarks/); run `make bench` there")
+        return 1
+    return run_all.main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    try:
+        from fastlm import demo
+    except ModuleNotFoundError:
+        print("demo: the model demo is not built yet; running the op self-check instead")
+        return cmd_check(args)
+    return demo.run_demo(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlm", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, device, which backend serves which op and why not")
+    sub.add_parser("check", help="run every op against the reference and print max errors")
+    for name, text in (
+        ("bench", "kernel and model benchmarks (GPU)"),
+        ("demo", "MiniLM BERT and GPT-2 vs Hugging Face"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo}[args.cmd](
+        args
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

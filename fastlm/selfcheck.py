@@ -1,0 +1,133 @@
+"""``python -m fastlm check``: every op on this machine's device against the reference.
+
+For each op, backend and dtype: random inputs, forward and (where the op is differentiable)
+backward, each output and gradient judged by the parity rule of fastlm/parity.py against the
+fp64 reference, with PyTorch in the input dtype as the baseline.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fastlm import backends
+from fastlm.parity import judge
+
+Args = dict[str, object]
+
+
+@dataclass
+class Check:
+    op: str
+    make: Callable[[torch.dtype, torch.device], Args]
+    run: Callable[..., object]  # run(backend, **args)
+    oracle: Callable[..., object]  # oracle(**args) on fp64 copies
+    lowp: Callable[..., object]  # PyTorch in the input dtype
+    module: str  # the op's module; the check is skipped when it is absent
+    differentiable: bool = True
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    grad_args: tuple[str, ...] = field(default=())
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _leaf(v, dtype=None):
+    if not isinstance(v, torch.Tensor):
+        return v
+    t = v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().clone()
+    if v.is_floating_point() and v.requires_grad:
+        t.requires_grad_()
+    return t
+
+
+def _forward_backward(fn, args: Args, grad_args, cotangent_seed: int):
+    outs = _as_tuple(fn(**args))
+    grads: tuple[torch.Tensor, ...] = ()
+    leaves = [args[k] for k in grad_args if isinstance(args.get(k), torch.Tensor)]
+    if leaves:
+        gen = torch.Generator().manual_seed(cotangent_seed)
+        loss = sum(
+            (
+                o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+            ).sum()
+            for o in outs
+        )
+        grads = torch.autograd.grad(loss, leaves)
+    return outs, grads
+
+
+def run_check(check: Check, backend: str, dtype: torch.dtype, device: torch.device):
+    """Yields (name, Verdict) for each output and gradient."""
+    torch.manual_seed(0)
+    base_args = check.make(dtype, device)
+    for k in check.grad_args:
+        if isinstance(base_args.get(k), torch.Tensor):
+            base_args[k].requires_grad_()
+    grad_args = check.grad_args if check.differentiable else ()
+    fast = {k: _leaf(v) for k, v in base_args.items()}
+    outs, grads = _forward_backward(lambda **a: check.run(backend, **a), fast, grad_args, 1)
+    hi = {k: _leaf(v, torch.float64) for k, v in base_args.items()}
+    o_outs, o_grads = _forward_backward(check.oracle, hi, grad_args, 1)
+    lo = {k: _leaf(v) for k, v in base_args.items()}
+    b_outs, b_grads = _forward_backward(check.lowp, lo, grad_args, 1)
+    names = [f"out{i}" if len(outs) > 1 else "out" for i in range(len(outs))]
+    names += [f"d{k}" for k in grad_args if isinstance(base_args.get(k), torch.Tensor)]
+    for name, a, o, b in zip(names, (*outs, *grads), (*o_outs, *o_grads), (*b_outs, *b_grads)):
+        yield name, judge(a, o, b)
+
+
+def _checks() -> list[Check]:
+    from fastlm import selfcheck_ops
+
+    return selfcheck_ops.CHECKS
+
+
+def main(device: torch.device | None = None) -> int:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"fastlm check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})"
+    )
+    print(f"{'op':<24}{'backend':<8}{'dtype':<10}{'result':<7}worst")
+    failures = 0
+    for check in _checks():
+        try:
+            importlib.import_module(check.module)
+        except ModuleNotFoundError:
+            print(f"{check.op:<24}{'-':<8}{'-':<10}{'skip':<7}op not built yet")
+            continue
+        for backend in backends.BACKENDS:
+            if (reason := backends.device_reason(backend, device)) is not None:
+                print(f"{check.op:<24}{backend:<8}{'-':<10}{'skip':<7}{reason}")
+                continue
+            for dtype in check.dtypes:
+                dname = str(dtype).replace("torch.", "")
+                if dtype == torch.bfloat16 and device.type == "cpu" and backend == "triton":
+                    print(
+                        f"{check.op:<24}{backend:<8}{dname:<10}{'skip':<7}bf16 is wrong under the Triton interpreter"
+                    )
+                    continue
+                try:
+                    verdicts = list(run_check(check, backend, dtype, device))
+                except Exception as exc:  # report, keep checking the rest
+                    failures += 1
+                    print(
+                        f"{check.op:<24}{backend:<8}{dname:<10}{'ERROR':<7}{type(exc).__name__}: {exc}"
+                    )
+                    continue
+                bad = [(n, v) for n, v in verdicts if not v.ok]
+                worst_name, worst = max(
+                    verdicts, key=lambda nv: nv[1].err / max(nv[1].bound, 1e-30)
+                )
+                shown = bad[0] if bad else (worst_name, worst)
+                failures += bool(bad)
+                status = "FAIL" if bad else "pass"
+                print(
+                    f"{check.op:<24}{backend:<8}{dname:<10}{status:<7}{shown[0]}: {shown[1].detail}"
+                )
+    print("all checks passed" if failures == 0 else f"{failures} check(s) failed")
+    return 1 if failures else 0
