@@ -1,0 +1,70 @@
+"""LayerNorm: fastlm (triton, cuda) vs torch.nn.functional.layer_norm eager and torch.compile.
+
+M = 4096 rows, N = 1024..16384, fp16/bf16/fp32, forward and backward. Bandwidth counts the
+minimum bytes (DESIGN.md): forward reads x and writes y (2x tensor bytes), backward reads x
+and dy and writes dx (3x). Weight/bias traffic is negligible and not counted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Results, bench_or_none, line_plot, parse_args, require_gpu
+
+
+def _impls():
+    import fastlm
+    from fastlm import backends
+
+    def fast(backend):
+        return lambda x, w, b: fastlm.layer_norm(x, w, b, 1e-5, backend=backend)
+
+    impls = {"fastlm-triton": fast("triton")}
+    if backends.device_reason("cuda", torch.device("cuda")) is None:
+        impls["fastlm-cuda"] = fast("cuda")
+    eager = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+    impls["torch"] = eager
+    impls["torch.compile"] = torch.compile(eager, dynamic=False)
+    return impls
+
+
+def main(argv: list[str] | None = None) -> None:
+    require_gpu("bench_layer_norm")
+    args = parse_args(__doc__, argv)
+    res = Results("layer_norm", args.out)
+    m = 4096
+    ns = [1024, 4096, 16384] if args.quick else [768, 1024, 2048, 4096, 8192, 12288, 16384]
+    dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16, torch.float32]
+    impls = _impls()
+    for dtype in dtypes:
+        for n in ns:
+            x = torch.randn(m, n, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+            dy = torch.randn(m, n, device="cuda", dtype=dtype)
+            nbytes = x.numel() * x.element_size()
+            base = {}
+            for name, fn in impls.items():
+                fwd = bench_or_none(lambda fn=fn: fn(x, w, b))
+                y = fn(x, w, b)
+                bwd_total = bench_or_none(
+                    lambda y=y: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+                )
+                for pass_, ms, moved in (("fwd", fwd, 2 * nbytes), ("bwd", bwd_total, 3 * nbytes)):
+                    if ms is None:
+                        continue
+                    base.setdefault(pass_, {})[name] = ms
+                    ref = base[pass_].get("torch")
+                    res.add(
+                        op="layer_norm", impl=name, pass_=pass_, dtype=dtype, shape={"M": m, "N": n},
+                        ms=ms, gbps=moved / ms * 1e-6, speedup_vs_torch=(ref / ms) if ref else None,
+                    )  # fmt: skip
+    rows = [r for r in res.rows if r["pass"] == "fwd" and r["dtype"] == "float16"]
+    res.save(plot=line_plot(rows, "N", "gbps", "impl", "LayerNorm forward, fp16, M=4096 (GB/s)"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
