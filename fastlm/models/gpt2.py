@@ -1,0 +1,346 @@
+"""GPT-2 on fastlm ops, with Hugging Face's module names and state_dict keys.
+
+Pre-LN blocks with both residual adds fused into the next LayerNorm, embed size E, n heads:
+
+    r  = wte[ids] + wpe[pos];  x = LN1_0(r)                         residual stream r (B, S, E)
+    per block i:
+        q|k|v = x @ Wc_attn + b           (Conv1D weight is (E, 3E)) one GEMM, strided views
+        a     = attention(q, k, v, causal, key_padding_mask)        or attention_with_kvcache
+        x, r  = LN2_i(a @ Wc_proj + b, residual=r)                  r <- r + attn; x = LN2(r)
+        m     = W2 gelu_tanh(W1 x + b1) + b2                        gelu_ffn (gelu_new)
+        x, r  = LN1_{i+1}(m, residual=r)   (ln_f after the last block)
+
+The LM head is tied: ``lm_head.weight is transformer.wte.weight``.
+
+Padding: ``attention_mask`` (B, S) becomes the attention's key_padding_mask. Outputs at
+padded positions are not meaningful (a left-padding query has no key to attend to and the
+attention returns zeros there; transformers returns other values); valid positions match.
+
+KV cache: ``past_key_values`` is a :class:`StaticKVCache` (``use_cache=True`` allocates one
+of n_positions rows). Prefill into an empty cache runs ``fastlm.attention`` and writes each
+sequence's valid tokens compactly from row 0; later calls append through
+``fastlm.attention_with_kvcache`` and must not contain padding. Default position ids are
+``arange`` after the longest stored sequence on an empty cache, as in transformers'
+forward, and ``seqlens[b] + arange`` on a non-empty one (positions of unpadded storage);
+:meth:`GPT2LMHeadModel.generate` passes HF generate's cumsum positions explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlm
+from fastlm.models._base import (
+    FastLMPreTrained,
+    check_attention_mask,
+    check_input_ids,
+    check_position_ids,
+)
+from fastlm.models._weights import DerivedWeight
+from fastlm.models.config import GPT2Config, gelu_approximate
+from fastlm.models.kv_cache import StaticKVCache
+from fastlm.models.outputs import BaseModelOutput, CausalLMOutput
+
+
+def _transpose(w: torch.Tensor) -> torch.Tensor:
+    return w.t().contiguous()
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D: y = x @ weight + bias with weight (in, out)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf).normal_(0.0, 0.02))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return y.view(*x.shape[:-1], self.nf)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        e = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = config.head_dim
+        self.layer_idx = layer_idx
+        self.scaling = config.layer_scale(layer_idx)
+        self.c_attn = Conv1D(3 * e, e)
+        self.c_proj = Conv1D(e, e)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, mask, cache: StaticKVCache | None, order, backend) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.c_attn(x).view(b, s, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        p = self.attn_dropout.p if self.training else 0.0
+        if cache is None or cache.is_empty:
+            out = fastlm.attention(
+                q,
+                k,
+                v,
+                causal=True,
+                key_padding_mask=mask,
+                softmax_scale=self.scaling,
+                dropout_p=p,
+                backend=backend,
+            )
+            if cache is not None:
+                cache.write_compact(self.layer_idx, k, v, order)
+        else:
+            if p > 0:
+                raise NotImplementedError(
+                    "GPT2Model: attention dropout with a non-empty KV cache is not supported; use eval() to decode"
+                )
+            kc, vc = cache.layer(self.layer_idx)
+            out = fastlm.attention_with_kvcache(
+                q,
+                kc,
+                vc,
+                cache.seqlens,
+                k=k,
+                v=v,
+                causal=True,
+                softmax_scale=self.scaling,
+                backend=backend,
+            )
+        return self.resid_dropout(self.c_proj(out.reshape(b, s, -1)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, inner: int, config: GPT2Config):
+        super().__init__()
+        self.c_fc = Conv1D(inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.approximate = gelu_approximate(config.activation_function, "GPT2Model")
+        # gelu_ffn takes nn.Linear-layout (out, in) weights; Conv1D stores (in, out).
+        self._w1 = DerivedWeight(_transpose)
+        self._w2 = DerivedWeight(_transpose)
+
+    def forward(self, x: torch.Tensor, backend) -> torch.Tensor:
+        y = fastlm.gelu_ffn(
+            x, self._w1(self.c_fc.weight), self.c_fc.bias, self._w2(self.c_proj.weight), self.c_proj.bias,
+            approximate=self.approximate, backend=backend,
+        )  # fmt: skip
+        return self.dropout(y)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config.inner_dim, config)
+
+
+def _ln(ln: nn.LayerNorm, x, residual, backend):
+    return fastlm.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+
+
+class GPT2Model(FastLMPreTrained):
+    """Drop-in for transformers' GPT2Model."""
+
+    config_class = GPT2Config
+    checkpoint_prefixes = ("transformer.",)
+
+    def __init__(self, config: GPT2Config, *, backend: str | None = None):
+        super().__init__(config, backend)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        with torch.no_grad():
+            self.wte.weight.normal_(0.0, 0.02)
+            self.wpe.weight.normal_(0.0, 0.01)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
+        """An empty StaticKVCache for this model (default capacity: n_positions)."""
+        c = self.config
+        w = self.wte.weight
+        max_len = c.n_positions if max_len is None else max_len
+        return StaticKVCache(
+            c.n_layer, batch_size, max_len, c.n_head, c.head_dim, dtype=w.dtype, device=w.device
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: StaticKVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **unused,
+    ) -> BaseModelOutput:
+        return self._run(input_ids, past_key_values, attention_mask, token_type_ids, position_ids, use_cache,
+                         self.backend, unused)  # fmt: skip
+
+    def _run(
+        self,
+        input_ids,
+        cache,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        use_cache,
+        backend,
+        unused,
+    ):
+        where = f"{type(self).__name__}.forward"
+        from fastlm.models.bert import _reject_unused
+
+        _reject_unused(unused, where)
+        cfg = self.config
+        if cache is not None and not isinstance(cache, StaticKVCache):
+            raise TypeError(
+                f"{where}: past_key_values must be a fastlm StaticKVCache (model.new_cache(...)), got {type(cache).__name__}"
+            )
+        past = cache.max_filled if cache is not None else 0
+        check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, where, past=past)
+        bsz, seq = input_ids.shape
+        if cache is None and use_cache:
+            cache = self.new_cache(bsz)
+        if cache is not None:
+            if cache.batch_size != bsz:
+                raise ValueError(
+                    f"{where}: the KV cache is for batch {cache.batch_size}, input_ids has batch {bsz}"
+                )
+            cache.check_room(seq, where)
+
+        mask = None
+        if attention_mask is not None and cache is not None and not cache.is_empty:
+            # HF passes (B, past + S); only the new tokens' columns matter for compact storage.
+            if (
+                attention_mask.dim() == 2
+                and attention_mask.shape[0] == bsz
+                and attention_mask.shape[1] >= seq
+            ):
+                attention_mask = attention_mask[:, -seq:]
+            if not bool(check_attention_mask(attention_mask, (bsz, seq), where).all()):
+                raise NotImplementedError(
+                    f"{where}: padding inside tokens appended to a non-empty KV cache is not supported"
+                )
+        else:
+            mask = check_attention_mask(attention_mask, (bsz, seq), where)
+            if mask is not None and bool(mask.all()):
+                mask = None
+
+        dev = input_ids.device
+        if position_ids is None:
+            if cache is not None and not cache.is_empty:
+                position_ids = cache.seqlens.long()[:, None] + torch.arange(seq, device=dev)
+            else:
+                position_ids = torch.arange(seq, device=dev)[None]
+        check_position_ids(position_ids, bsz, seq, cfg.n_positions, where)
+
+        r = self.wte(input_ids) + self.wpe(position_ids)
+        if token_type_ids is not None:
+            check_input_ids(
+                token_type_ids,
+                cfg.vocab_size,
+                cfg.n_positions,
+                where + " (token_type_ids)",
+                past=past,
+            )
+            r = r + self.wte(token_type_ids)
+        r = self.drop(r)
+
+        order = None
+        if cache is not None and cache.is_empty and mask is not None:
+            # Valid tokens first, in order: the compact layout of the cache.
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+
+        x = _ln(self.h[0].ln_1, r, None, backend) if len(self.h) else r
+        for i, block in enumerate(self.h):
+            a = block.attn(x, mask, cache, order, backend)
+            x, r = _ln(block.ln_2, a, r, backend)
+            m = block.mlp(x, backend)
+            nxt = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            x, r = _ln(nxt, m, r, backend)
+        if not len(self.h):
+            x = _ln(self.ln_f, r, None, backend)
+
+        if cache is not None:
+            if mask is not None:
+                counts = mask.sum(1)
+                cache.advance(counts, seq)
+            else:
+                cache.advance(seq, seq)
+        return BaseModelOutput(
+            last_hidden_state=x, past_key_values=cache if cache is not None else None
+        )
+
+
+class GPT2LMHeadModel(FastLMPreTrained):
+    """Drop-in for transformers' GPT2LMHeadModel, with a StaticKVCache-based generate()."""
+
+    config_class = GPT2Config
+    _tied_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2Config, *, backend: str | None = None):
+        super().__init__(config, backend)
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
+        return self.transformer.new_cache(batch_size, max_len)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: StaticKVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **unused,
+    ) -> CausalLMOutput:
+        out = self.transformer._run(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
+                                    use_cache, self.backend, unused)  # fmt: skip
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"GPT2LMHeadModel.forward: labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(labels.shape)}"
+                )
+            if logits_to_keep:
+                raise ValueError(
+                    "GPT2LMHeadModel.forward: labels need all logits; do not pass logits_to_keep"
+                )
+            # Shifted next-token loss over non-ignored labels, logits upcast as transformers does.
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Batched (left-padded) generation; see fastlm.models.generation.generate."""
+        from fastlm.models.generation import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id)  # fmt: skip
