@@ -15,6 +15,8 @@ ifeq ($(HAS_GPU),1)
 else
   RUN_ENV := TRITON_INTERPRET=1
 endif
+# Two workers: the interpreter is single-threaded Python and CI machines have 2 cores.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: help venv test demo bench gpu-test check lint format clean
@@ -45,7 +47,7 @@ $(VENV)/.stamp-offline: $(VENV)/.stamp-venv pyproject.toml setup.py
 venv: $(VENV)/.stamp-test
 
 test: $(VENV)/.stamp-test
-	$(RUN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 check: $(VENV)/.stamp-test
 	$(RUN_ENV) $(PY) -m fastlm check
