@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-SCRIPTS = ["bench_layer_norm", "bench_ffn", "bench_attention", "bench_models"]
+SCRIPTS = ["bench_layer_norm", "bench_ffn", "bench_attention", "bench_decode", "bench_models"]
 
 
 def main(argv: list[str]) -> int:
