@@ -40,14 +40,9 @@ from fastlm.models._base import (
     check_input_ids,
     check_position_ids,
 )
-from fastlm.models._weights import DerivedWeight
 from fastlm.models.config import GPT2Config, gelu_approximate
 from fastlm.models.kv_cache import StaticKVCache
 from fastlm.models.outputs import BaseModelOutput, CausalLMOutput
-
-
-def _transpose(w: torch.Tensor) -> torch.Tensor:
-    return w.t().contiguous()
 
 
 class Conv1D(nn.Module):
@@ -122,13 +117,10 @@ class GPT2MLP(nn.Module):
         self.c_proj = Conv1D(config.n_embd, inner)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.approximate = gelu_approximate(config.activation_function, "GPT2Model")
-        # gelu_ffn takes nn.Linear-layout (out, in) weights; Conv1D stores (in, out).
-        self._w1 = DerivedWeight(_transpose)
-        self._w2 = DerivedWeight(_transpose)
 
     def forward(self, x: torch.Tensor, backend) -> torch.Tensor:
         y = fastlm.gelu_ffn(
-            x, self._w1(self.c_fc.weight), self.c_fc.bias, self._w2(self.c_proj.weight), self.c_proj.bias,
+            x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
             approximate=self.approximate, backend=backend,
         )  # fmt: skip
         return self.dropout(y)
