@@ -136,8 +136,7 @@ def test_decode_loop_equals_full_recompute(device, backend):
     seqlens = torch.tensor(start, dtype=torch.int32, device=device)
     for step in [3, 1, 1, 1, 1]:
         pos = seqlens.long()[:, None] + torch.arange(step, device=device)[None, :]
-        take = lambda t: torch.stack([t[b, pos[b]] for b in range(bsz)])
-        q, k, v = take(queries), take(keys), take(vals)
+        q, k, v = (torch.stack([t[b, pos[b]] for b in range(bsz)]) for t in (queries, keys, vals))
         out = fastlm.attention_with_kvcache(q, kc, vc, seqlens, k=k, v=v, backend=backend)
         for b in range(bsz):
             end = int(seqlens[b]) + step
@@ -197,7 +196,7 @@ def test_auto_num_splits_fills_the_device():
 
 
 def test_torch_compile_fullgraph_torch_backend(device):
-    q, kc, vc, seqlens, k, v, causal = _make(CASES["sq3-gqa4:2-hd64"], torch.float32, device)
+    q, kc, vc, seqlens, k, v, _ = _make(CASES["sq3-gqa4:2-hd64"], torch.float32, device)
     kc_eager, vc_eager = kc.clone(), vc.clone()
 
     def step(q, kc, vc, seqlens, k, v):
