@@ -1,0 +1,199 @@
+"""Pieces shared by the attention forward and backward kernels.
+
+* ``dropout_keep``: the counter-based dropout RNG. Element (b, h, i, j) of the attention
+  matrix keeps its probability when u >= p, where u in [0, 1) is Philox-4x32 of the
+  64-bit counter  offset = ((b * H + h) * Sq + i) * Sk + j  under the 64-bit seed. A pure
+  function of (seed, offset): the forward, both backward kernels and the debug
+  ``dropout_keep_mask`` all call this one function and so agree bit for bit. The counter
+  is split into two 32-bit words explicitly so the stream is the same on every Triton
+  version (tl.rand's handling of int64 offsets changed between releases).
+* ``seq_bounds``: where sequence b starts and how long it is, padded or packed (IS_VARLEN).
+* ``kv_block_range`` / ``q_block_range``: which key blocks a query block must visit (and
+  which of them need no causal or bounds mask), and the converse for the dk/dv kernel.
+* launcher helpers: layout strides, the config lists (one config under the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, seq_k, p):
+    """Keep-mask for a tile. rows: int64 (b * H + h) * Sq + i, cols: int64 j, broadcast
+    against each other to the tile shape; seq_k: Sk. Returns u >= p (bool tile)."""
+    offs = rows * seq_k + cols
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(r) >= p
+
+
+@triton.jit
+def seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of sequence b (starts int64): packed from cu_seqlens, or the
+    padded batch (start 0, lengths Sq and Sk)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    else:
+        q_start = tl.full([], 0, tl.int64)
+        q_len = seq_q
+        k_start = tl.full([], 0, tl.int64)
+        k_len = seq_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def kv_block_range(
+    m0, q_len, k_len, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """For queries [m0, m0 + BLOCK_M): keys [0, full) sit in whole key blocks every query
+    of the block sees (no mask needed); keys [full, end) need the causal/bounds mask.
+
+    Causal, bottom-right aligned: query i sees key j iff j <= i + (k_len - q_len).
+    """
+    if IS_CAUSAL:
+        shift = k_len - q_len
+        end = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
+        full = tl.maximum(tl.minimum(m0 + shift + 1, k_len), 0)
+    else:
+        end = k_len
+        full = k_len
+    full = (full // BLOCK_N) * BLOCK_N
+    return full, end
+
+
+@triton.jit
+def q_block_range(
+    n0, q_len, k_len, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """For keys [n0, n0 + BLOCK_N): query blocks from ``lo`` may see some key of the block;
+    from ``mid`` on (a multiple of BLOCK_M above lo) every query sees every key (no causal
+    mask needed). Non-causal: lo = mid = 0."""
+    if IS_CAUSAL:
+        shift = k_len - q_len
+        lo = tl.maximum(n0 - shift, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        mid = tl.maximum(n0 + BLOCK_N - 1 - shift, lo)
+        mid = tl.minimum(
+            ((mid + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, ((q_len + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        )
+        mid = tl.maximum(mid, lo)
+    else:
+        lo = 0
+        mid = 0
+    return lo, mid
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    OUT, seed, seq_q, seq_k, p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """OUT (B*H, Sq, Sk) int8 keep-mask, one [BLOCK_M, BLOCK_N] tile per program."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = bh * seq_q + offs_m.to(tl.int64)
+    keep = dropout_keep(seed, rows[:, None], offs_n.to(tl.int64)[None, :], seq_k, p)
+    ptrs = OUT + rows[:, None] * seq_k + offs_n[None, :]
+    ok = (offs_m < seq_q)[:, None] & (offs_n < seq_k)[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=ok)
+
+
+def dropout_keep_mask(
+    seed: int, batch: int, heads: int, seq_q: int, seq_k: int, p: float, device: torch.device
+) -> torch.Tensor:
+    """The kernels' keep-mask as a bool tensor (B, H, Sq, Sk) (a debugging and test aid)."""
+    out = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    if out.numel() == 0:
+        return out.bool()
+    block = 32
+    grid = (triton.cdiv(seq_q, block), triton.cdiv(seq_k, block), batch * heads)
+    _dropout_mask_kernel[grid](out, seed, seq_q, seq_k, float(p), BLOCK_M=block, BLOCK_N=block)
+    return out.bool()
+
+
+# ------------------------------------------------------------------ launcher helpers
+
+
+def layout_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, seq, head) strides: packed tensors (total, H, D) have no batch stride (the
+    sequence start comes from cu_seqlens); padded ones are (B, S, H, D)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the fp32 row statistics: (H, total_q) packed, (B, H, Sq) padded."""
+    if varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def head_block(head_dim: int) -> int:
+    """The head dim padded to a power of two (at least 16, tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key: a power-of-two bucket, so each new length does not re-tune."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elt: int) -> int:
+    """Rough shared memory of one program: a resident [M, D] tile and `stages` buffered
+    pairs of [N, D] tiles (K and V, or Q and dO)."""
+    return (block_m * block_d + stages * 2 * block_n * block_d) * elt
+
+
+SMEM_LIMIT = 200 * 1024  # H100/A100 allow ~227/163 KB per block; leave room for the compiler
+
+
+def prune_by_smem(configs, named_args, **kwargs):
+    """early_config_prune: drop configs whose tiles overflow shared memory at this head dim
+    (always keeping the smallest one)."""
+    args = {**named_args, **kwargs}
+    block_d = args["BLOCK_D"]
+    elt = 4 if args["Q"].dtype == torch.float32 else 2
+    fits = [
+        c for c in configs
+        if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elt) <= SMEM_LIMIT
+    ]  # fmt: skip
+    if fits:
+        return fits
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
+def configs(gpu: list[tuple[int, int, int, int]], interp_block_m: int, interp_block_n: int):
+    """Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages); a single config under
+    the interpreter (which cannot autotune) with small blocks (it pays per element)."""
+    if interpreting():
+        return [
+            triton.Config(
+                {"BLOCK_M": interp_block_m, "BLOCK_N": interp_block_n}, num_warps=4, num_stages=1
+            )
+        ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
+    ]
