@@ -396,7 +396,7 @@ def _classification_loss(logits, labels, num_labels, problem_type):
 def _reject_unused(unused: dict, where: str) -> None:
     """Accept HF keyword arguments that do not change the result; refuse the rest loudly."""
     harmless = {"return_dict", "output_attentions", "output_hidden_states", "use_cache"}
-    bad = {k: v for k, v in unused.items() if k not in harmless and v not in (None, False)}
+    bad = [k for k, v in unused.items() if k not in harmless and v is not None and v is not False]
     if bad:
         raise NotImplementedError(
             f"{where}: argument(s) {sorted(bad)} are not supported by the fastlm model"

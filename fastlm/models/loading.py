@@ -62,7 +62,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def _remap(
     sd: dict[str, torch.Tensor], own: set[str], prefixes: tuple[str, ...]
 ) -> dict[str, torch.Tensor]:
-    """Match checkpoint keys to the module's keys by adding or removing one known prefix."""
+    """Match checkpoint keys to the module's keys by adding or removing one known prefix.
+
+    A backbone loading a task checkpoint (BertModel from BertForMaskedLM's ``bert.*`` +
+    ``cls.*``) keeps the prefixed keys and drops the head's, as transformers does.
+    """
+    for p in prefixes:
+        if any(k.startswith(p) for k in sd) and not any(k.startswith(p) for k in own):
+            sd = {k: v for k, v in sd.items() if k.startswith(p) or _IGNORED.search(k)}
     out = {}
     for k, v in sd.items():
         if _IGNORED.search(k):
