@@ -282,7 +282,8 @@ def decode_attention(
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group, CAUSAL=causal, NUM_SPLITS=num_splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=fp32_dot_precision(q.dtype), num_warps=num_warps, num_stages=3,
+        DOT_PRECISION=fp32_dot_precision(q.dtype), num_warps=num_warps,
+        num_stages=3 if block_d <= 128 else 2,
     )  # fmt: skip
     if num_splits > 1:
         _decode_combine_kernel[(bsz * sq * h,)](
