@@ -28,6 +28,9 @@ CASES = {
     "sq1-gqa4:1-hd128-noappend": (2, 1, 4, 1, 128, 24, [7, 24], False, True),
     "sq3-short-noappend": (2, 3, 4, 2, 32, 20, [2, 0], False, True),  # rows with no key
     "sq3-noncausal": (2, 3, 2, 1, 64, 30, [0, 11], True, False),
+    "sq1-hd256": (1, 1, 2, 1, 256, 20, [13], True, True),
+    # S_max long enough that the automatic choice splits the keys (2 splits on the CPU).
+    "sq1-autosplit": (2, 1, 2, 1, 32, 130, [0, 129], True, True),
 }
 
 
@@ -176,6 +179,16 @@ def test_empty_batch_and_zero_new_tokens(device):
         q, kc, kc.clone(), torch.zeros(0, dtype=torch.int32), backend="triton"
     )
     assert out.shape == (0, 1, 4, 32)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU split heuristic; GPU tiles are larger"
+)
+def test_autosplit_case_really_splits(device):
+    from fastlm.kernels.attention_decode import _block_n, choose_num_splits
+
+    bsz, _, _, hkv, d, s_max, *_ = CASES["sq1-autosplit"]
+    assert choose_num_splits(bsz * hkv, s_max, _block_n(d, torch.float32, device), device) > 1
 
 
 def test_auto_num_splits_fills_the_device():
