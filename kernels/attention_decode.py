@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
+from fastlm.kernels.attention_common import LOG2E
 
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
