@@ -1,0 +1,131 @@
+"""transformers integration: attn_implementation="fastlm", optimize()/revert(), registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlm
+from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
+
+
+def _saved(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("lengths", [[9, 9, 9], [9, 5, 2]], ids=["nopad", "pad"])
+def test_attn_implementation_fastlm_gpt2(tmp_path, lengths):
+    path = _saved(tmp_path, transformers.GPT2LMHeadModel(tiny_gpt2_config()))
+    eager = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+    fast = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="fastlm"
+    ).eval()
+    ids, mask = padded_batch(97, lengths, 9, left=True)
+    with torch.no_grad():
+        ref, got = eager(ids, attention_mask=mask).logits, fast(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    gen = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, **gen), eager.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("lengths", [[7, 7], [7, 3]], ids=["nopad", "pad"])
+def test_attn_implementation_fastlm_bert(tmp_path, lengths):
+    path = _saved(tmp_path, transformers.BertModel(tiny_bert_config()))
+    eager = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    fast = transformers.AutoModel.from_pretrained(path, attn_implementation="fastlm").eval()
+    ids, mask = padded_batch(61, lengths, 7)
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=mask).last_hidden_state
+        got = fast(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=2e-5, rtol=1e-4)
+    # Without the mask registration the padding would be ignored: check it mattered.
+    with torch.no_grad():
+        unmasked = fast(ids).last_hidden_state
+    if 0 in mask:
+        assert not torch.allclose(unmasked[mask.bool()], ref[mask.bool()], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make", [
+        lambda: transformers.BertForSequenceClassification(tiny_bert_config()),
+        lambda: transformers.BertForMaskedLM(tiny_bert_config()),
+        lambda: transformers.GPT2LMHeadModel(tiny_gpt2_config()),
+        lambda: transformers.GPT2Model(tiny_gpt2_config()),
+    ], ids=["bert-seqcls", "bert-mlm", "gpt2-lm", "gpt2"],
+)  # fmt: skip
+def test_optimize_revert_round_trip(make):
+    model = make().eval()
+    is_bert = "Bert" in type(model).__name__
+    ids, mask = padded_batch(61 if is_bert else 97, [8, 4], 8, left=not is_bert)
+    params = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    before = model.state_dict().keys()
+
+    def run():
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    ref = run()
+    assert fastlm.optimize(model) is model
+    assert model.config._attn_implementation == "fastlm"
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == params  # shared, not copied
+    assert model.state_dict().keys() == before
+    got = run()
+    valid = (
+        mask.bool() if ref.dim() == 3 else slice(None)
+    )  # per-token outputs: compare valid tokens
+    torch.testing.assert_close(got[valid], ref[valid], atol=3e-5, rtol=1e-4)
+    fastlm.revert(model)
+    assert model.config._attn_implementation != "fastlm"
+    assert torch.equal(run(), ref)
+    with pytest.raises(ValueError, match="was not optimized"):
+        fastlm.revert(model)
+
+
+def test_optimize_trains_and_rejects_other_models():
+    model = transformers.GPT2LMHeadModel(tiny_gpt2_config()).train()
+    fastlm.optimize(model)
+    ids = torch.randint(0, 97, (2, 6))
+    model(ids, labels=ids).loss.backward()
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+    with pytest.raises(NotImplementedError, match="contains neither"):
+        fastlm.optimize(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
+        fastlm.optimize("model")
+
+
+def test_mask_patterns_fastlm_cannot_express_raise():
+    from transformers import masking_utils as mu
+
+    from fastlm.integrations.hf.attention import fastlm_mask
+
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        fastlm_mask(1, 4, 4, mask_function=mu.sliding_window_causal_mask_function(2))
+    m = torch.tensor([[True, True, False]])
+    assert torch.equal(
+        fastlm_mask(1, 3, 3, mask_function=mu.bidirectional_mask_function, attention_mask=m), m
+    )
+    assert (
+        fastlm_mask(1, 3, 3, mask_function=mu.causal_mask_function, attention_mask=m | True) is None
+    )
+
+
+def test_import_fastlm_does_not_import_transformers_and_registers_later():
+    code = (
+        "import sys, fastlm\n"
+        "assert 'transformers' not in sys.modules, 'import fastlm pulled in transformers'\n"
+        "from transformers.modeling_utils import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "assert 'fastlm' in AttentionInterface._global_mapping\n"
+        "assert 'fastlm' in AttentionMaskInterface._global_mapping\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
