@@ -73,10 +73,10 @@ def cmd_info(_args) -> int:
     return 0
 
 
-def cmd_check(_args) -> int:
+def cmd_check(args) -> int:
     from fastlm import selfcheck
 
-    return selfcheck.main(_device())
+    return selfcheck.main(_device(), getattr(args, "ops", None) or None)
 
 
 def cmd_bench(args) -> int:
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, which backend serves which op and why not")
-    sub.add_parser("check", help="run every op against the reference and print max errors")
+    check = sub.add_parser("check", help="run every op against the reference and print max errors")
+    check.add_argument("ops", nargs="*", help="only these ops (default: all)")
     for name, text in (
         ("bench", "kernel and model benchmarks (GPU)"),
         ("demo", "MiniLM BERT and GPT-2 vs Hugging Face"),

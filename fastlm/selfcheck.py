@@ -87,14 +87,21 @@ def _checks() -> list[Check]:
     return selfcheck_ops.CHECKS
 
 
-def main(device: torch.device | None = None) -> int:
+def main(device: torch.device | None = None, ops: list[str] | None = None) -> int:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"fastlm check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})"
     )
     print(f"{'op':<24}{'backend':<8}{'dtype':<10}{'result':<7}worst")
     failures = 0
-    for check in _checks():
+    checks = _checks()
+    unknown = set(ops or ()) - {c.op for c in checks}
+    if unknown:
+        print(f"unknown op(s) {sorted(unknown)}; known: {[c.op for c in checks]}")
+        return 2
+    for check in checks:
+        if ops and check.op not in ops:
+            continue
         try:
             importlib.import_module(check.module)
         except ModuleNotFoundError:
