@@ -89,11 +89,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    try:
-        from fastlm import demo
-    except ModuleNotFoundError:
-        print("demo: the model demo is not built yet; running the op self-check instead")
-        return cmd_check(args)
+    from fastlm import demo
+
     return demo.run_demo(args.rest)
 
 
