@@ -2,8 +2,11 @@
 
 A plain ``pip install .`` is pure Python (metadata is in pyproject.toml) and never imports
 torch. ``FASTLM_BUILD_CUDA=1 pip install --no-build-isolation .`` also compiles csrc/ into
-``fastlm._C`` with torch's CUDAExtension (ninja; ``MAX_JOBS`` and ``FASTLM_CUDA_ARCHS``
-honoured). torch is imported only on that path, so it never becomes a build requirement.
+``fastlm._C`` with torch's CUDAExtension (ninja; ``MAX_JOBS`` honoured; archs from
+``FASTLM_CUDA_ARCHS``, else ``TORCH_CUDA_ARCH_LIST``, else 8.0;9.0). torch is imported only
+on that path, so it never becomes a build requirement. ``fastlm._C`` holds only the
+TORCH_LIBRARY(fastlm_cuda) operators (no Python module init): fastlm/_cuda_ext.py loads it
+with torch.ops.load_library.
 """
 
 import os
@@ -21,10 +24,13 @@ def _cuda_extension_kwargs() -> dict:
     sources = sorted(
         os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp"))
     )
-    archs = os.environ.get("FASTLM_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    spec = (
+        os.environ.get("FASTLM_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    )
+    archs = spec.replace(",", ";").replace(" ", ";").split(";")
     gencode = []
     for arch in filter(None, archs):
-        num = arch.replace(".", "")
+        num = arch.replace(".", "").replace("+PTX", "")
         gencode += [f"-gencode=arch=compute_{num},code=sm_{num}"]
     ext = CUDAExtension(
         name="fastlm._C",
