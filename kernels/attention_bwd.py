@@ -1,7 +1,8 @@
 """Flash attention backward (FlashAttention-2 recompute scheme), no atomics.
 
-With S = scale * q k^T, P = exp(S - lse) on allowed entries (0 elsewhere; lse = +inf on
-rows that see no key, so such rows give P = 0), Z the dropout keep-mask, r = 1 / (1 - p):
+With S = scale * q k^T, P = exp(S - lse) = 2^(S log2 e - lse2) on allowed entries (0
+elsewhere; lse2 is the forward's base-2 log-sum-exp, +inf on rows that see no key, so
+such rows give P = 0), Z the dropout keep-mask, r = 1 / (1 - p):
 
     delta[i] = sum_d dO[i, d] * O[i, d]                     (_bwd_preprocess_kernel)
     dV[j]    = sum_i P[i, j] Z[i, j] r dO[i]                (_bwd_dkdv_kernel)
@@ -18,7 +19,7 @@ and regenerate the dropout mask from the same counters as the forward. Blocks on
 causal diagonal (and ragged edges) run the masked variant of the shared loop body.
 
 Shapes as in kernels/attention_fwd.py; dO any strides (last dim contiguous); dq, dk, dv
-are contiguous like q, k, v; lse and delta fp32 (B, H, Sq) or (H, total_q).
+are contiguous like q, k, v; lse2 and delta fp32 (B, H, Sq) or (H, total_q).
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def _dkdv_inner(
         ld = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + tok[:, None] * stride_qs + offs_d[None, :], mask=ld, other=0.0)
         do = tl.load(DO + tok[:, None] * stride_ds + offs_d[None, :], mask=ld, other=0.0)
-        # Rows past the sequence load lse = +inf: their P is exactly 0.
-        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        # Rows past the sequence load lse2 = +inf: their P is exactly 0.
+        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
 
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [N, M]
@@ -298,7 +299,7 @@ def _bwd_dq_kernel(
         other=0.0,
     )
     stat = b64 * stride_lb + h * stride_lh + tok
-    lse2 = tl.load(LSE + stat, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + stat, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + stat, mask=m_ok, other=0.0)
     K += b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     V += b64 * stride_vb + k_start * stride_vs + hk * stride_vh
@@ -343,8 +344,8 @@ def attention_bwd(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), contiguous in the layouts of q, k, v. ``out``/``lse`` from
-    attention_fwd; ``seed`` the forward's dropout seed."""
+    """Gradients (dq, dk, dv), contiguous in the layouts of q, k, v. ``out``/``lse`` (base 2)
+    from attention_fwd; ``seed`` the forward's dropout seed."""
     varlen = cu_seqlens_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
@@ -354,6 +355,10 @@ def attention_bwd(
     if k.numel() == 0 or q.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         # No query or no key: every gradient is zero.
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if dout.stride(-1) != 1:
+        # Autograd may hand over an expanded or transposed gradient (e.g. of out.sum()):
+        # the kernels need a unit-stride head dim, any other stride is passed through.
+        dout = dout.contiguous()
     delta = torch.empty_like(lse)
     block_d = head_block(head_dim)
     pre_block = 32

@@ -11,7 +11,12 @@ rescaling l and acc by 2^(m_old - m_new) when the max grows (online softmax in t
 domain: scale * log2(e) is folded into one multiply so exp2 replaces exp). At the end
 
     O[i]   = acc / l_i                            (0 when row i sees no key)
-    lse[i] = (m_i + log2 l_i) * ln 2              (+inf when row i sees no key)
+    lse2[i] = m_i + log2 l_i                      (+inf when row i sees no key)
+
+lse2 is the log-sum-exp in base 2 (lse * log2 e). It is kept in that unit for the
+backward: there P = 2^(S log2 e - lse2) with S log2 e recomputed exactly as here, and the
+large terms cancel without an extra rounding of a ~1e4-sized exponent (storing the
+natural lse and converting back costs ~1e-3 relative in P when logits reach 1e4).
 
 Masks: keys j >= Sk, causal j > i + Sk - Sq (bottom-right), key_padding_mask[b, j] False.
 Key blocks every query of the block fully sees run a mask-free loop; only the diagonal
@@ -19,7 +24,7 @@ and the ragged last block pay for the mask (the same inner function, MASKED cons
 
 Shapes: q (B, Sq, H, D) / k, v (B, Sk, Hkv, D) with any strides (last dim contiguous), or
 packed q (total_q, H, D), k, v (total_k, Hkv, D) with cu_seqlens (IS_VARLEN). O is
-contiguous like q; lse fp32 (B, H, Sq) or (H, total_q). D is padded to BLOCK_D (a power
+contiguous like q; lse2 fp32 (B, H, Sq) or (H, total_q). D is padded to BLOCK_D (a power
 of two) with masked loads.
 """
 
@@ -30,7 +35,6 @@ import triton
 import triton.language as tl
 from fastlm.kernels._launch import fp32_dot_precision
 from fastlm.kernels.attention_common import (
-    LN2,
     LOG2E,
     configs,
     dropout_keep,
@@ -170,8 +174,8 @@ def _attn_fwd_kernel(
         O + b64 * stride_ob + h * stride_oh + q_tok[:, None] * stride_os + offs_d[None, :],
         out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
     )  # fmt: skip
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse2, mask=m_ok)
 
 
 def attention_fwd(
@@ -188,8 +192,9 @@ def attention_fwd(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out like q (contiguous), lse (B, H, Sq).
-    Packed (cu_seqlens given): q (total_q, H, D) -> out, lse (H, total_q). Inputs validated
+    """Padded: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out like q (contiguous), lse2 (B, H, Sq).
+    Packed (cu_seqlens given): q (total_q, H, D) -> out, lse2 (H, total_q). lse2 is the
+    base-2 log-sum-exp (natural lse * log2 e) that attention_bwd expects. Inputs validated
     by fastlm.ops.attention."""
     varlen = cu_seqlens_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]

@@ -1,0 +1,320 @@
+"""fastlm.attention: Triton kernels (interpreter on CPU) and torch backend vs the reference.
+
+Full cross product of seq x head_dim x batch x heads x mask x dtype is far beyond the
+interpreter's budget, so the cases below cover it pairwise: every seq length (1, 17, 128,
+257, with Sq != Sk too), head_dim (32, 64, 80, 128), batch (1, 3), head layout (1, 4,
+GQA 4:2, MQA 4:1) and mask mode (none, causal, padding, both) appears, each pair of
+values of two factors in at least one case, for fp32 and fp16 (bf16 on GPU only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.backends import BackendUnavailableError
+from fastlm.ops import attention as A
+from fastlm.reference import attention as ref
+from tests.parity import assert_parity, max_err
+
+# (B, Sq, Sk, H, Hkv, D, causal, padding)
+CASES = [
+    (1, 1, 1, 1, 1, 32, False, False),
+    (3, 17, 17, 4, 4, 64, True, True),
+    (1, 128, 128, 4, 2, 80, True, False),
+    (3, 17, 128, 4, 1, 128, False, True),
+    (1, 257, 257, 1, 1, 64, False, True),
+    (3, 128, 17, 4, 2, 32, True, True),  # Sq > Sk: causal leaves early rows empty
+    (3, 1, 257, 1, 1, 80, True, False),
+    (1, 257, 128, 1, 1, 128, True, True),
+    (3, 17, 1, 4, 1, 64, False, False),
+    (1, 128, 257, 4, 4, 32, False, False),
+]
+
+
+def _id(c):
+    b, sq, sk, h, hkv, d, causal, pad = c
+    return (
+        f"b{b}-q{sq}-k{sk}-h{h}:{hkv}-d{d}"
+        + ("-causal" if causal else "")
+        + ("-pad" if pad else "")
+    )
+
+
+def make_inputs(b, sq, sk, h, hkv, d, dtype, device, pad=False, scale=1.0):
+    q = (torch.randn(b, sq, h, d, device=device) * scale).to(dtype)
+    k = (torch.randn(b, sk, hkv, d, device=device) * scale).to(dtype)
+    v = torch.randn(b, sk, hkv, d, device=device).to(dtype)
+    mask = None
+    if pad:
+        lengths = torch.randint(1, sk + 1, (b,))
+        mask = torch.arange(sk)[None, :] < lengths[:, None]
+        if b > 1:
+            mask[-1] = False  # one sequence with every key padded
+        mask = mask.to(device)
+    return q, k, v, mask
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def check_against_reference(
+    actual_out, actual_grads, inputs, dout, ref_fn, names=("dq", "dk", "dv")
+):
+    """Parity of the output and every gradient: fp64 oracle on upcast inputs; fp16/bf16
+    baseline = the reference computed in the low dtype (no upcast)."""
+    hi = [t.detach().double().requires_grad_() for t in inputs]
+    oracle = ref_fn(*hi, upcast=True)
+    oracle_grads = grads(oracle, hi, dout.double())
+    baseline, baseline_grads = None, [None] * len(inputs)
+    if actual_out.dtype != torch.float32:
+        lo = [t.detach().clone().requires_grad_() for t in inputs]
+        baseline = ref_fn(*lo, upcast=False)
+        baseline_grads = grads(baseline, lo, dout)
+    assert_parity(actual_out, oracle, baseline, name="out")
+    # dS = P * (dP - delta) cancels: with one visible key dq and dk are exactly 0 while dP
+    # and delta are two D-term fp32 dot products of |dO| |V| size. Low precision may then
+    # miss 0 by fp32 rounding at that magnitude, far below the rounding floor of the rule.
+    cancel = None
+    if actual_out.dtype != torch.float32:
+        v = inputs[-1]
+        cancel = (
+            v.shape[-1]
+            * torch.finfo(torch.float32).eps
+            * dout.abs().max().item()
+            * v.abs().max().item()
+        )
+    for name, g, o, bl in zip(names, actual_grads, oracle_grads, baseline_grads):
+        assert_parity(g, o, bl, name=name, atol=cancel)
+
+
+def run_case(case, dtype, device, backend):
+    b, sq, sk, h, hkv, d, causal, pad = case
+    q, k, v, mask = make_inputs(b, sq, sk, h, hkv, d, dtype, device, pad)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = fastlm.attention(*inputs, causal=causal, key_padding_mask=mask, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    dout = torch.randn_like(out)
+    check_against_reference(
+        out, grads(out, inputs, dout), inputs, dout,
+        lambda q, k, v, upcast: ref.attention(q, k, v, causal, mask, upcast=upcast),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_triton_parity(case, dtype, device):
+    run_case(case, dtype, device, "triton")
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=_id)
+def test_torch_backend_parity(case, dtype, device):
+    run_case(case, dtype, device, "torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_rows_are_zero_with_zero_grads(backend, device):
+    # Batch 1 has every key padded; with causal and Sq > Sk the first Sq - Sk rows see nothing.
+    b, sq, sk, h, d = 2, 20, 9, 2, 32
+    q, k, v, _ = make_inputs(b, sq, sk, h, h, d, torch.float32, device)
+    mask = torch.ones(b, sk, dtype=torch.bool, device=device)
+    mask[1] = False
+    mask[0, 4] = False
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = fastlm.attention(*inputs, causal=True, key_padding_mask=mask, backend=backend)
+    dq, dk, dv = grads(out, inputs, torch.randn_like(out))
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    assert (out[0, : sq - sk] == 0).all() and (dq[0, : sq - sk] == 0).all()
+    assert out[0, sq - sk :].abs().sum() > 0
+    assert (dk[0, 4] == 0).all() and (dv[0, 4] == 0).all()  # a padded key gets no gradient
+
+
+@pytest.mark.parametrize("dtype_", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_large_logits(dtype_, device):
+    # Scores of order 1e4 (the fp16 "scale trick" regime): the online softmax must not
+    # overflow. The naive low-precision baseline overflows here, so fp16 is checked
+    # against the oracle with a tolerance of one fp16 rounding of |v| (P is ~one-hot).
+    b, s, h, d = 1, 40, 2, 32
+    q, k, v, _ = make_inputs(b, s, s, h, h, d, dtype_, device, scale=20.0)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = fastlm.attention(*inputs, causal=True, softmax_scale=1.0, backend="triton")
+    hi = [t.detach().double().requires_grad_() for t in inputs]
+    oracle = ref.attention(*hi, True, None, 1.0)
+    scores = torch.einsum("bihd,bjhd->bhij", hi[0], hi[1])
+    assert scores.abs().max() > 5e3
+    assert torch.isfinite(out).all()
+    if dtype_ == torch.float32:
+        # One fp32 rounding of a logit of size |S| moves exp(S - lse) by eps * |S| relative
+        # (~1e-3 here): any fp32 implementation is that ill-conditioned (PyTorch's own fp32
+        # autograd errs by ~3e-3 on dq). Allow 4 such roundings (dot, log2 e fold, the
+        # backward's recompute of S, lse) relative to each result's magnitude.
+        rel = 4 * torch.finfo(torch.float32).eps * scores.abs().max().item()
+        dout = torch.randn_like(out)
+        pairs = [(out, oracle), *zip(grads(out, inputs, dout), grads(oracle, hi, dout.double()))]
+        for name, (g, o) in zip(("out", "dq", "dk", "dv"), pairs):
+            assert torch.isfinite(g).all()
+            err, bound = max_err(g, o), rel * o.abs().max().item() + 1e-5
+            assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+    else:
+        assert_parity(
+            out, oracle, name="out", atol=2 * torch.finfo(dtype_).eps * v.abs().max().item()
+        )
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv", "bhsd_transposed"])
+def test_strided_inputs(layout, dtype, device):
+    b, s, h, d = 3, 17, 4, 32
+    if layout == "fused_qkv":
+        qkv = torch.randn(b, s, 3, h, d, device=device).to(dtype)
+        q, k, v = qkv.unbind(2)
+    else:  # Hugging Face keeps (B, H, S, D) and transposes
+        q, k, v = (
+            torch.randn(b, h, s, d, device=device).to(dtype).transpose(1, 2) for _ in range(3)
+        )
+    assert not q.is_contiguous()
+    mask = torch.arange(s, device=device)[None, :] < torch.tensor([s, 5, 1], device=device)[:, None]
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fastlm.attention(*inputs, key_padding_mask=mask, causal=True, backend="triton")
+    dout = torch.randn(b, h, s, d, device=device).to(dtype).transpose(1, 2)  # strided dO too
+    check_against_reference(
+        out, grads(out, inputs, dout), inputs, dout,
+        lambda q, k, v, upcast: ref.attention(q, k, v, True, mask, upcast=upcast),
+    )  # fmt: skip
+
+
+def test_strided_key_padding_mask(device):
+    b, s, h, d = 2, 17, 2, 32
+    q, k, v, _ = make_inputs(b, s, s, h, h, d, torch.float32, device)
+    wide = torch.rand(b, 2 * s, device=device) > 0.3
+    mask = wide[:, ::2]
+    out = fastlm.attention(q, k, v, key_padding_mask=mask, backend="triton")
+    assert_parity(out, ref.attention(q.double(), k.double(), v.double(), False, mask), name="out")
+
+
+def test_default_scale_and_custom_scale(device):
+    q, k, v, _ = make_inputs(1, 17, 17, 2, 2, 64, torch.float32, device)
+    for scale in (None, 0.3):
+        out = fastlm.attention(q, k, v, softmax_scale=scale, backend="triton")
+        oracle = ref.attention(q.double(), k.double(), v.double(), False, None, scale)
+        assert_parity(out, oracle, name=f"out scale={scale}")
+
+
+# ------------------------------------------------------------------ backend choice
+
+
+def test_head_dim_limits(device):
+    q, k, v, _ = make_inputs(1, 5, 5, 1, 1, 8, torch.float32, device)
+    with pytest.raises(BackendUnavailableError, match="head_dim 8 is outside"):
+        fastlm.attention(q, k, v, backend="triton")
+    out = fastlm.attention(q, k, v, backend="torch")  # the reference has no head_dim limit
+    assert_parity(out, ref.attention(q.double(), k.double(), v.double()), name="out")
+    assert A.triton_head_dim_reason(256) is None and A.triton_head_dim_reason(257) is not None
+
+
+def test_head_dim_256(device):
+    run_case((1, 17, 17, 1, 1, 256, True, False), torch.float32, device, "triton")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _ok(device, dtype=torch.float32):
+    return make_inputs(2, 5, 7, 4, 2, 32, dtype, device)[:3]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda q, k, v: (q.int(), k, v), TypeError, "q must be one of"),
+        (lambda q, k, v: ([1.0], k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v: (q, k.half(), v), TypeError, "k has dtype float16 but q has float32"),
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
+        (lambda q, k, v: (q, k, v[:, :3]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q[:1], k, v), ValueError, "same batch size"),
+        (
+            lambda q, k, v: (q[..., :16], k[..., :16], v),
+            ValueError,
+            "k and v must have the same shape",
+        ),
+        (lambda q, k, v: (q[..., :16], k, v), ValueError, "same head_dim, got 16 and 32"),
+        (lambda q, k, v: (q[:, :, :3], k, v), ValueError, r"query heads \(3\) must be a multiple"),
+        (
+            lambda q, k, v: (q[..., ::2], k[..., ::2], v[..., ::2]),
+            ValueError,
+            "contiguous last dimension",
+        ),
+        (lambda q, k, v: (q, k.to("meta"), v), ValueError, "k is on meta"),
+    ],
+)
+def test_bad_tensors(mutate, error, message, device):
+    q, k, v = mutate(*_ok(device))
+    with pytest.raises(error, match=message):
+        fastlm.attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(key_padding_mask="mask"), TypeError, "key_padding_mask must be a torch.Tensor"),
+        (
+            dict(key_padding_mask=torch.ones(2, 7)),
+            TypeError,
+            "must be a bool tensor .* got float32",
+        ),
+        (
+            dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+            ValueError,
+            r"shape \(2, 7\), got \(2, 5\)",
+        ),
+        (
+            dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")),
+            ValueError,
+            "key_padding_mask is on meta",
+        ),
+        (dict(causal=1), TypeError, "causal must be a bool, got int"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be positive"),
+        (dict(softmax_scale="a"), TypeError, "softmax_scale must be a float"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+        (dict(dropout_p=None), TypeError, "dropout_p must be a float"),
+        (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+        (dict(backend="cuda"), BackendUnavailableError, "backend 'cuda' cannot serve"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message, device):
+    if device.type != "cpu":
+        kwargs = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
+            for k, v in kwargs.items()
+        }
+    with pytest.raises(error, match=message):
+        fastlm.attention(*_ok(device), **kwargs)
+
+
+# ------------------------------------------------------------------ torch.compile, opcheck
+
+
+def test_compile_fullgraph_torch_backend(device):
+    q, k, v, mask = make_inputs(2, 9, 11, 4, 2, 16, torch.float32, device, pad=True)
+
+    def f(q, k, v):
+        return fastlm.attention(q, k, v, causal=True, key_padding_mask=mask, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = compiled(*inputs)
+    dout = torch.randn_like(out)
+    expected = f(*inputs)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads(out, inputs, dout), grads(expected, inputs, dout)):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend, device):
+    q, k, v, mask = make_inputs(2, 5, 7, 4, 2, 16, torch.float32, device, pad=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = (q, k, v, mask, None, None, None, 5, 7, True, 0.25, 0.0, backend)
+    torch.library.opcheck(A._attention_fwd, args)
