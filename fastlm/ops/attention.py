@@ -318,6 +318,10 @@ def _bwd_impl(dout, q, k, v, out, lse, kpm, cu_q, cu_k, seed, max_sq, max_sk, ca
 # ------------------------------------------------------------------ custom ops
 
 
+# The second output is the backend's own row statistic, consumed only by the same backend's
+# backward: the natural log-sum-exp for torch, the base-2 one (lse * log2 e) for triton,
+# whose backward then recomputes P = 2^(S log2 e - lse2) without re-rounding a large lse.
+# Rows with no key hold +inf in both. Padded: (B, H, Sq); packed: (H, total_q).
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor,
