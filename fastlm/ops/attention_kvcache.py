@@ -9,6 +9,11 @@ cache_seqlens[b] .. cache_seqlens[b] + Sq - 1 and attended to; cache_seqlens its
 not updated (the caller advances it), as in FlashAttention's flash_attn_with_kvcache.
 Causal masking is bottom-right aligned: new token i sees keys up to
 cache_seqlens[b] + i. Inference only: not differentiable.
+
+Backends: triton (fastlm.kernels.attention_decode: append kernel + split-KV decode), cuda
+(csrc/attention_decode.cu through fastlm._cuda_ext; the append is plain torch indexing,
+fastlm.reference.attention_kvcache.append_kv, so the cuda backend does not depend on
+triton; fp16/bf16, head_dim 64/128), torch (fastlm.reference).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ OP = "attention_with_kvcache"
 TRITON_MAX_HEAD_DIM = (
     256  # = fastlm.kernels.attention_decode.MAX_HEAD_DIM (not imported: lazy triton)
 )
+CUDA_MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
 
 
 # ------------------------------------------------------------------ implementation
@@ -40,13 +46,27 @@ def _impl(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale, num_s
         return decode_attention(
             q, k_cache, v_cache, cache_seqlens, seq_extra, causal, softmax_scale, num_splits
         )
-    if backend != "torch":
+    if backend == "cuda":
+        from fastlm import _cuda_ext
+
+        if k is not None:
+            # Plain torch indexing (a gather, a where and an index_put per cache): a few
+            # tiny kernels per step, and it leaves out-of-range sequences untouched.
+            ref.append_kv(k_cache, v_cache, cache_seqlens, k, v)
+        # The kernel wants the number of valid keys, the appended ones included.
+        out, _ = _cuda_ext.module().attention_decode(
+            q, k_cache, v_cache, cache_seqlens + seq_extra, softmax_scale, causal
+        )
+    elif backend == "torch":
+        out = ref.attention_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
+        )
+    else:
         raise ValueError(f"fastlm.{OP}: backend {backend!r} has no implementation of this op")
-    out = ref.attention_with_kvcache(
-        q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
-    )
-    # Same contract as the kernel: a sequence whose length is out of range gets NaN, never a
-    # plausible-looking answer (values are only checked on the host for CPU tensors).
+    # Same contract as the Triton kernel: a sequence whose length is out of range gets NaN,
+    # never a plausible-looking answer (values are only checked on the host for CPU
+    # tensors). The CUDA C++ kernel clamps the length to the cache instead, so it needs
+    # this as much as the reference does.
     lens = cache_seqlens + seq_extra
     bad = (cache_seqlens < 0) | (lens > k_cache.shape[1])
     return out.masked_fill(bad.view(-1, 1, 1, 1), float("nan"))
@@ -166,12 +186,23 @@ def _validate(q, k_cache, v_cache, k, v, causal, softmax_scale):
                 )
 
 
-def _limits(d: int):
+def _limits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    bsz, sq, h, d = q.shape
+
     def limit(backend: str) -> str | None:
         if backend == "triton" and d > TRITON_MAX_HEAD_DIM:
             return f"head_dim {d} exceeds the Triton decode kernel's limit of {TRITON_MAX_HEAD_DIM}"
         if backend == "cuda":
-            return f"there is no CUDA C++ kernel for {OP}; the Triton kernel serves CUDA tensors"
+            # Grid limits of csrc/attention_decode.cu (grid.y = heads, grid.z = B * Sq),
+            # checked by its binding too; here they choose another backend instead of failing.
+            if h > CUDA_MAX_GRID_YZ or bsz * sq > CUDA_MAX_GRID_YZ:
+                return (
+                    f"the CUDA decode kernel needs heads <= {CUDA_MAX_GRID_YZ} and "
+                    f"batch * seqlen_q <= {CUDA_MAX_GRID_YZ}, got {h} and {bsz * sq}"
+                )
+            from fastlm import _cuda_ext
+
+            return _cuda_ext.op_reason(OP, q=q, k=k_cache, v=v_cache)
         return None
 
     return limit
@@ -199,7 +230,8 @@ def attention_with_kvcache(
     the cache; k, v: (B, Sq, Hkv, D) or None. Attends to cache_seqlens[b] (+ Sq when
     appending) keys; causal masks bottom-right aligned. softmax_scale defaults to
     1/sqrt(D). Returns (B, Sq, H, D) in q's dtype. fp16, bf16, fp32; the Triton kernel takes
-    head_dim up to 256.
+    head_dim up to 256; the CUDA C++ kernel fp16/bf16 with head_dim 64 or 128 and 16-byte
+    aligned q and caches.
 
     cache_seqlens is not advanced. Its values are checked on CPU; on CUDA that would need a
     host sync, so a sequence with cache_seqlens[b] < 0 or cache_seqlens[b] + Sq > S_max
@@ -210,5 +242,5 @@ def attention_with_kvcache(
     sq_new = k.shape[1] if k is not None else 0
     seqlens = _check_seqlens(cache_seqlens, bsz, k_cache.shape[1], sq_new, q.device)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    chosen = backends.choose(OP, q.device, backend, _limits(d))
+    chosen = backends.choose(OP, q.device, backend, _limits(q, k_cache, v_cache))
     return _attention_with_kvcache(q, k_cache, v_cache, seqlens, k, v, causal, scale, 0, chosen)

@@ -22,6 +22,20 @@ recomputes it rather than fail.) Then:
   (the fused kernel's ACT_GRAD mode), saving the write and re-read of dout W2. dW2, dW1 and
   dx are plain cuBLAS GEMMs; db2 and db1 are row sums.
 
+The cuda backend is cuBLAS GEMM + the hand-written vectorised epilogue kernels of csrc/
+(fastlm._cuda_ext): every GEMM is torch.matmul / torch.addmm (cuBLAS), and what the triton
+backend fuses into the GEMM runs as one elementwise pass over the GEMM's output instead:
+
+* forward:  g = x W1^T (cuBLAS), then ``bias_gelu`` computes h = g + b1, gelu(h) and, when
+  a backward can follow, stores h, in one pass; gelu_ffn's second GEMM is followed by
+  ``bias_residual_add`` (out = g2 + b2 + residual, one rounding) when there is a residual,
+  and is a single cuBLAS addmm (bias inside the GEMM) when there is not.
+* backward: dh = dy * gelu'(h) by ``gelu_bwd`` (for gelu_ffn, dy = dout W2 from cuBLAS);
+  db = row sums; dx and dW are the same cuBLAS GEMMs as on the triton backend.
+
+The cuda backend rounds the GEMM result to the activation dtype before the bias is added
+(one rounding more than the fused Triton epilogue); the parity rule absorbs it.
+
 The torch backend is fastlm.reference, computed in fp32.
 """
 
@@ -50,13 +64,33 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ implementations
 
 
+def _cuda_kernels():
+    from fastlm import _cuda_ext
+
+    return _cuda_ext.module()
+
+
 def _pre_activation(x, weight, bias, backend):
     """h = x W^T + b in x's dtype (the backward's fallback when h was not stored)."""
     if backend == "triton":
         from fastlm.kernels.linear_gelu import fused_matmul
 
         return fused_matmul(x, weight.t(), bias=bias)[0]
+    if backend == "cuda":
+        # Rounded like the forward's stored h: the GEMM result in x's dtype, then + b.
+        g = torch.matmul(x, weight.t())
+        return g if bias is None else g.add_(bias)
     return ref.linear(x, weight, bias).to(x.dtype)
+
+
+def _has_pre_activation(h: torch.Tensor) -> bool:
+    """The forward stores h as (M, N); when no backward was expected it returned (0,)."""
+    return h.dim() == 2
+
+
+def _cuda_linear_gelu(x, weight, bias, approximate, store_pre):
+    """(gelu(x W^T + b), h = x W^T + b or None): cuBLAS GEMM, then the bias_gelu epilogue."""
+    return _cuda_kernels().bias_gelu(torch.matmul(x, weight.t()), bias, approximate, store_pre)
 
 
 def _lg_fwd_impl(x, weight, bias, approximate, store_pre, backend):
@@ -66,6 +100,8 @@ def _lg_fwd_impl(x, weight, bias, approximate, store_pre, backend):
         y, h = fused_matmul(
             x, weight.t(), bias=bias, activation=_ACTIVATION[approximate], store_pre=store_pre
         )
+    elif backend == "cuda":
+        y, h = _cuda_linear_gelu(x, weight, bias, approximate, store_pre)
     else:
         hc = ref.linear(x, weight, bias)
         y = ref.gelu(hc, approximate).to(x.dtype)
@@ -81,16 +117,21 @@ def _gelu_backward(dy, h, approximate, need_db, backend):
         if dy.stride(-1) != 1:  # e.g. an expanded gradient: the kernel reads rows densely
             dy = dy.contiguous()
         return gelu_bwd(dy, h, _ACTIVATION[approximate], need_db)
+    if backend == "cuda":
+        # The kernel takes any row stride but needs a unit last-dim stride (an expanded
+        # gradient has stride 0 there).
+        dh = _cuda_kernels().gelu_bwd(C.unit_stride_last(dy), h, approximate)
+        return dh, dh.sum(0, dtype=torch.float32) if need_db else None
     ct = compute_dtype(h.dtype)
     dh = dy.to(ct) * ref.gelu_grad(h.to(ct), approximate)
     return dh, dh.sum(0) if need_db else None
 
 
 def _lg_bwd_impl(dy, x, weight, bias, h, approximate, need_dx, need_dw, need_db, backend):
-    if h.numel() == 0 and dy.numel() != 0:
+    if not _has_pre_activation(h):
         h = _pre_activation(x, weight, bias, backend)
     dh, db = _gelu_backward(dy, h, approximate, need_db, backend)
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         dx = torch.matmul(dh, weight) if need_dx else None
         dw = torch.matmul(dh.t(), x) if need_dw else None
     else:
@@ -110,6 +151,14 @@ def _ffn_fwd_impl(x, w1, b1, w2, b2, residual, approximate, store_pre, backend):
             x, w1.t(), bias=b1, activation=_ACTIVATION[approximate], store_pre=store_pre
         )
         out, _ = fused_matmul(a, w2.t(), bias=b2, residual=residual)
+    elif backend == "cuda":
+        a, h = _cuda_linear_gelu(x, w1, b1, approximate, store_pre)
+        if residual is not None:
+            out = _cuda_kernels().bias_residual_add(torch.matmul(a, w2.t()), b2, residual)
+        elif b2 is not None:
+            out = torch.addmm(b2, a, w2.t())  # cuBLAS adds the bias itself: nothing to fuse
+        else:
+            out = torch.matmul(a, w2.t())
     else:
         hc = ref.linear(x, w1, b1)
         a = ref.gelu(hc, approximate).to(x.dtype)
@@ -126,18 +175,22 @@ def _ffn_bwd_impl(dout, x, w1, b1, w2, a, h, approximate, needs, backend):
     dt = x.dtype
     ct = compute_dtype(dt)
     need_dh = need_dx or need_dw1 or need_db1
-    if need_dh and h.numel() == 0 and dout.numel() != 0:
+    if need_dh and not _has_pre_activation(h):
         h = _pre_activation(x, w1, b1, backend)
     dx = dw1 = db1 = dw2 = db2 = None
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         if need_db2:
             db2 = dout.sum(0, dtype=torch.float32)
         if need_dw2:
             dw2 = torch.matmul(dout.t(), a)
         if need_dh:
-            from fastlm.kernels.linear_gelu import fused_matmul
+            if backend == "triton":
+                from fastlm.kernels.linear_gelu import fused_matmul
 
-            dh, _ = fused_matmul(dout, w2, activation=_ACTIVATION[approximate], act_grad_of=h)
+                act = _ACTIVATION[approximate]
+                dh, _ = fused_matmul(dout, w2, activation=act, act_grad_of=h)
+            else:  # cuBLAS da = dout W2, then the gelu_bwd epilogue
+                dh = _cuda_kernels().gelu_bwd(torch.matmul(dout, w2), h, approximate)
             db1 = dh.sum(0, dtype=torch.float32) if need_db1 else None
             dw1 = torch.matmul(dh.t(), x) if need_dw1 else None
             dx = torch.matmul(dh, w1) if need_dx else None
@@ -357,10 +410,12 @@ def _check_dtypes_devices(op: str, x, **others) -> None:
     C.check_same_device(op, "x", x, **others)
 
 
-def _limits(op: str):
+def _limits(op: str, x: torch.Tensor, approximate: str):
     def limit(backend: str) -> str | None:
         if backend == "cuda":
-            return f"fastlm has no CUDA C++ kernel for {op} (use the triton or torch backend)"
+            from fastlm import _cuda_ext
+
+            return _cuda_ext.op_reason(op, x=x, approximate=approximate)
         return None
 
     return limit
@@ -398,7 +453,7 @@ def linear_gelu(
     _check_input(op, x, approximate)
     _check_linear(op, "x", x.shape[-1], "weight", weight, "bias", bias)
     _check_dtypes_devices(op, x, weight=weight, bias=bias)
-    chosen = backends.choose(op, x.device, backend, _limits(op))
+    chosen = backends.choose(op, x.device, backend, _limits(op, x, approximate))
     store_pre = _needs_backward(x, weight, bias)
     y, _ = _linear_gelu_fwd(_rows(x), weight, bias, approximate, store_pre, chosen)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -435,7 +490,7 @@ def gelu_ffn(
             )
         C.check_last_dim_contiguous(op, "residual", residual)
     _check_dtypes_devices(op, x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    chosen = backends.choose(op, x.device, backend, _limits(op))
+    chosen = backends.choose(op, x.device, backend, _limits(op, x, approximate))
     # h1 is only needed for the gradients that flow through the GELU (x, w1, b1).
     store_pre = _needs_backward(x, w1, b1)
     r2 = _rows(residual) if residual is not None else None
