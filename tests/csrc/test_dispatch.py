@@ -11,6 +11,8 @@ import torch
 
 import fastlm
 from fastlm import _cuda_ext, backends, dispatch_table
+from fastlm.reference import attention_kvcache as ref_kv
+from fastlm.reference import ffn as ref_ffn
 from fastlm.reference import layer_norm as ref
 
 # On a GPU machine the reason check would trigger the JIT build: these tests describe
@@ -182,3 +184,267 @@ def test_make_dispatch_table(tmp_path):
     assert json.loads(out.read_text())["order"] == table["order"]
     with pytest.raises(SystemExit, match="no paired"):
         mdt.main(["--results", str(tmp_path / "empty"), "--write", "--out", str(out)])
+
+
+# ------------------------------------------------------------------ ffn and kv-cache on cuda
+
+
+def _ffn_args():
+    x = torch.randn(3, 8)
+    return x, torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+
+
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("linear_gelu", lambda x, w1, b1, w2, b2: fastlm.linear_gelu(x, w1, b1, backend="cuda")),
+        (
+            "gelu_ffn",
+            lambda x, w1, b1, w2, b2: fastlm.gelu_ffn(
+                x, w1, b1, w2, b2, residual=x, backend="cuda"
+            ),
+        ),
+    ],
+)
+def test_forced_cuda_ffn_on_cpu_tensor_raises(op, call):
+    with pytest.raises(backends.BackendUnavailableError) as info:
+        call(*_ffn_args())
+    msg = str(info.value)
+    assert f"fastlm.{op}" in msg and "'cuda'" in msg and "CUDA tensors" in msg
+
+
+def _decode_args(dtype=torch.float16, d=64, heads=4):
+    q = torch.randn(2, 1, heads, d, dtype=dtype)
+    kc = torch.randn(2, 16, 2, d, dtype=dtype)
+    return q, kc, torch.randn_like(kc), torch.tensor([3, 7], dtype=torch.int32)
+
+
+def test_forced_cuda_kvcache_on_cpu_tensor_raises():
+    q, kc, vc, lens = _decode_args()
+    with pytest.raises(backends.BackendUnavailableError) as info:
+        fastlm.attention_with_kvcache(q, kc, vc, lens, k=kc[:, :1], v=vc[:, :1], backend="cuda")
+    msg = str(info.value)
+    assert "fastlm.attention_with_kvcache" in msg and "'cuda'" in msg and "CUDA tensors" in msg
+
+
+@pytest.fixture
+def cuda_device_ok(monkeypatch):
+    """Pretend the device can run the CUDA kernels (a CUDA tensor on sm_90), so that the
+    per-call limits of the op are what decides."""
+    monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
+    monkeypatch.setattr(_cuda_ext, "_capability_reason", lambda t: None)
+
+
+@pytest.mark.parametrize(
+    "dtype, d, heads, expect",
+    [
+        (torch.float32, 64, 4, "float16 or bfloat16, got float32"),
+        (torch.float16, 96, 4, "head_dim (64, 128), got 96"),
+        (torch.bfloat16, 64, 65536 * 2, "heads <= 65535"),
+    ],
+)
+def test_kvcache_cuda_limits_name_the_reason(cuda_device_ok, dtype, d, heads, expect):
+    q, kc, vc, lens = _decode_args(dtype, d)
+    if heads != 4:  # more query heads than a CUDA grid dimension holds (GQA over 2 kv heads)
+        q = torch.zeros(2, 1, heads, d, dtype=dtype)
+    with pytest.raises(backends.BackendUnavailableError, match="cannot serve") as info:
+        fastlm.attention_with_kvcache(q, kc, vc, lens, backend="cuda")
+    assert expect in str(info.value)
+
+
+def test_kvcache_cuda_limits_alignment(cuda_device_ok):
+    q, _, _, lens = _decode_args()
+    kc = torch.randn(2, 16, 2, 64 + 4, dtype=torch.float16)[..., :64]  # head stride 68
+    with pytest.raises(backends.BackendUnavailableError, match="k needs 16-byte aligned"):
+        fastlm.attention_with_kvcache(q, kc, kc, lens, backend="cuda")
+
+
+@needs_no_ext
+def test_kvcache_cuda_in_limits_reports_missing_extension(cuda_device_ok):
+    """A call within the kernels' limits gets as far as loading them: the reason is then
+    the missing extension, not a limit."""
+    q, kc, vc, lens = _decode_args(torch.bfloat16, 128)
+    with pytest.raises(backends.BackendUnavailableError, match=r"fastlm\._C is not built"):
+        fastlm.attention_with_kvcache(q, kc, vc, lens, backend="cuda")
+
+
+# ------------------------------------------------------------------ the cuda branches, on CPU
+#
+# The cuda branches of fastlm.ops.ffn and fastlm.ops.attention_kvcache cannot run here. To
+# test their wiring (which kernel gets which operand, shapes, the stored pre-activation,
+# the appended lengths) the extension is replaced by _ContractOps: the same Python API as
+# fastlm._cuda_ext._Ops, computed by fastlm.reference in fp32, and refusing every input the
+# binding (csrc/binding.cpp) would refuse. tests/csrc/test_cuda_ops.py runs the real
+# kernels on a GPU.
+
+
+class _ContractOps:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _rows(op, name, t, like=None):
+        assert t.dim() == 2, f"{op}: {name} must be 2-D (rows, features), got {tuple(t.shape)}"
+        assert t.shape[-1] <= 1 or t.stride(-1) == 1, f"{op}: {name} last dim not contiguous"
+        assert t.dtype in (torch.float32, torch.float16, torch.bfloat16), f"{op}: {name} dtype"
+        if like is not None:
+            assert t.shape == like.shape and t.dtype == like.dtype, f"{op}: {name} vs first"
+
+    @staticmethod
+    def _bias(op, bias, x):
+        if bias is not None:
+            assert bias.shape == (x.shape[-1],), f"{op}: bias shape {tuple(bias.shape)}"
+
+    @staticmethod
+    def _mode(op, approximate):
+        assert approximate in ("none", "tanh"), f"{op}: approximate {approximate!r}"
+
+    def bias_gelu(self, x, bias, approximate="none", store_preact=False):
+        self.calls.append("bias_gelu")
+        self._rows("bias_gelu", "x", x)
+        self._bias("bias_gelu", bias, x)
+        self._mode("bias_gelu", approximate)
+        h = (x.float() + (0 if bias is None else bias.float())).to(x.dtype)
+        y = ref_ffn.gelu(x.float() + (0 if bias is None else bias.float()), approximate)
+        return y.to(x.dtype), (h if store_preact else None)
+
+    def gelu_bwd(self, dy, h, approximate="none"):
+        self.calls.append("gelu_bwd")
+        self._rows("gelu_bwd", "h", h)
+        self._rows("gelu_bwd", "dy", dy, like=h)
+        self._mode("gelu_bwd", approximate)
+        return (dy.float() * ref_ffn.gelu_grad(h.float(), approximate)).to(h.dtype)
+
+    def bias_residual_add(self, x, bias, residual):
+        self.calls.append("bias_residual_add")
+        self._rows("bias_residual_add", "x", x)
+        self._rows("bias_residual_add", "residual", residual, like=x)
+        self._bias("bias_residual_add", bias, x)
+        y = x.float() + residual.float() + (0 if bias is None else bias.float())
+        return y.to(x.dtype)
+
+    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True):
+        self.calls.append("attention_decode")
+        assert q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+        assert q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+        assert k_cache.shape[0] == q.shape[0] and q.shape[2] % k_cache.shape[2] == 0
+        assert cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous()
+        assert cache_seqlens.shape == (q.shape[0],)
+        # The kernel clamps each length to [0, S_cache]; so does masking with j < length.
+        out = ref_kv.kvcache_attention(q, k_cache, v_cache, cache_seqlens, causal, softmax_scale)
+        return out, None  # the op ignores lse: None makes any use of it fail loudly
+
+
+@pytest.fixture
+def contract_ext(monkeypatch):
+    ops = _ContractOps()
+    monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
+    monkeypatch.setattr(_cuda_ext, "op_reason", lambda op, **call: None)
+    monkeypatch.setattr(_cuda_ext, "module", lambda: ops)
+    return ops
+
+
+def _grads(fn, inputs, dy):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    return out, torch.autograd.grad(out, present, dy)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_linear_gelu_cuda_wiring(contract_ext, approximate, bias, dtype):
+    x = torch.randn(3, 5, 24).to(dtype)
+    w = (torch.randn(40, 24) * 0.2).to(dtype).t().contiguous().t()  # strided (Conv1D) view
+    b = torch.randn(40).to(dtype) if bias else None
+    dy = torch.randn(3, 5, 40).to(dtype)
+    got, g_got = _grads(
+        lambda *t: fastlm.linear_gelu(*t, approximate=approximate, backend="cuda"), (x, w, b), dy
+    )
+    want, g_want = _grads(
+        lambda *t: fastlm.linear_gelu(*t, approximate=approximate, backend="torch"), (x, w, b), dy
+    )
+    assert contract_ext.calls == ["bias_gelu", "gelu_bwd"]
+    tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for g, gw in zip(g_got, g_want):
+        torch.testing.assert_close(g, gw, **tol)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gelu_ffn_cuda_wiring(contract_ext, residual, bias):
+    x = torch.randn(17, 16)
+    w1, w2 = torch.randn(48, 16) * 0.25, torch.randn(12, 48) * 0.15
+    b1, b2 = (torch.randn(48), torch.randn(12)) if bias else (None, None)
+    r = torch.randn(17, 12) if residual else None
+    dy = torch.randn(17, 12)
+
+    def run(backend):
+        return lambda x, w1, b1, w2, b2, r: fastlm.gelu_ffn(
+            x, w1, b1, w2, b2, approximate="tanh", residual=r, backend=backend
+        )
+
+    got, g_got = _grads(run("cuda"), (x, w1, b1, w2, b2, r), dy)
+    want, g_want = _grads(run("torch"), (x, w1, b1, w2, b2, r), dy)
+    expect = ["bias_gelu", *(["bias_residual_add"] if residual else []), "gelu_bwd"]
+    assert contract_ext.calls == expect
+    torch.testing.assert_close(got, want)
+    for g, gw in zip(g_got, g_want):
+        torch.testing.assert_close(g, gw)
+
+
+def test_linear_gelu_cuda_expanded_grad_and_inference(contract_ext):
+    x, w, b = torch.randn(6, 8, requires_grad=True), torch.randn(10, 8), torch.randn(10)
+    fastlm.linear_gelu(x, w, b, backend="cuda").sum().backward()  # dy has strides (0, 0)
+    xr = x.detach().clone().requires_grad_()
+    fastlm.linear_gelu(xr, w, b, backend="torch").sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    with torch.no_grad():
+        y = fastlm.linear_gelu(x, w, b, backend="cuda")
+    torch.testing.assert_close(y, ref_ffn.linear_gelu(x.detach(), w, b))
+
+
+def test_ffn_cuda_backward_recomputes_missing_pre_activation(contract_ext):
+    from fastlm.ops import ffn as ffn_op
+
+    x, w, b, dy = torch.randn(5, 8), torch.randn(10, 8), torch.randn(10), torch.randn(5, 10)
+    missing = x.new_empty((0,))
+    got = ffn_op._linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "cuda")
+    want = ffn_op._linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "torch")
+    for g, gw in zip(got, want):
+        torch.testing.assert_close(g, gw)
+
+
+@pytest.mark.parametrize("append", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_kvcache_cuda_wiring(contract_ext, append, causal):
+    q = torch.randn(3, 2, 4, 64).half()
+    kc = torch.randn(3, 12, 2, 64).half()
+    vc = torch.randn_like(kc)
+    k, v = (torch.randn(3, 2, 2, 64).half() for _ in range(2)) if append else (None, None)
+    lens = torch.tensor([0, 5, 10], dtype=torch.int32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = fastlm.attention_with_kvcache(q, kc, vc, lens, k=k, v=v, causal=causal, backend="cuda")
+    want = fastlm.attention_with_kvcache(
+        q, kc2, vc2, lens, k=k, v=v, causal=causal, backend="torch"
+    )
+    assert contract_ext.calls == ["attention_decode"]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(kc, kc2, rtol=0, atol=0)  # appended identically
+    torch.testing.assert_close(vc, vc2, rtol=0, atol=0)
+    assert lens.tolist() == [0, 5, 10], "cache_seqlens must not be advanced"
+
+
+def test_kvcache_cuda_out_of_range_lengths_give_nan(contract_ext):
+    from fastlm.ops import attention_kvcache as kv_op
+
+    q = torch.randn(3, 1, 2, 64).half()
+    kc = torch.randn(3, 8, 2, 64).half()
+    vc, new = torch.randn_like(kc), torch.randn(3, 1, 2, 64).half()
+    kc0 = kc.clone()
+    lens = torch.tensor([-1, 8, 4], dtype=torch.int32)  # bad, bad (no room), ok
+    out = kv_op._attention_with_kvcache(q, kc, vc, lens, new, new, True, 0.125, 0, "cuda")
+    assert torch.isnan(out[:2]).all() and not torch.isnan(out[2]).any()
+    torch.testing.assert_close(kc[:2], kc0[:2], rtol=0, atol=0)
