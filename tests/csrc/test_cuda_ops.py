@@ -1,5 +1,7 @@
 """GPU parity of every CUDA C++ op against fastlm.reference (tolerance rule of
-tests/parity.py), CUDA-graph capture/replay, and a compute-sanitizer memcheck smoke test.
+tests/parity.py), the public ops on backend="cuda" (linear_gelu, gelu_ffn,
+attention_with_kvcache: outputs, every gradient, the appended cache), CUDA-graph
+capture/replay, and a compute-sanitizer memcheck smoke test.
 Skipped without a GPU; on a GPU the extension must build (JIT or AOT)."""
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from fastlm import _cuda_ext
 from fastlm.reference import attention as ref_attn
 from fastlm.reference import attention_kvcache as ref_kv
 from fastlm.reference import ffn as ref_ffn
+from tests.ops.test_attention_kvcache import CASES as KV_CPU_CASES
+from tests.ops.test_attention_kvcache import _check as kv_check
+from tests.ops.test_attention_kvcache import _oracle as kv_oracle
+from tests.ops.test_ffn import FFN_CASES, LG_CASES, _ffn_check, _lg_check
 from tests.parity import assert_parity
 
 pytestmark = [
@@ -221,6 +227,152 @@ def test_attention_decode_empty_cache(ext):
     assert (o[0] == 0).all() and torch.isinf(lse[0]).all() and torch.isfinite(lse[1]).all()
 
 
+# ------------------------------------------------------------------ public ops on the cuda backend
+#
+# fastlm.linear_gelu / gelu_ffn / attention_with_kvcache with backend="cuda", through the
+# same checks as the CPU op tests (tests/ops): output and every gradient against the fp64
+# reference with the parity rule, the cache contents after the append.
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=_ids)
+@pytest.mark.parametrize(
+    "case", LG_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}-{c[3]}-b{c[4]}-{c[5]}"
+)
+def test_linear_gelu_cuda_backend(ext, dtype, case):
+    _lg_check("cuda", *case, dtype, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=_ids)
+@pytest.mark.parametrize(
+    "case", FFN_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}->{c[3]}-{c[4]}-b{c[5]}-r{c[6]}-{c[7]}"
+)
+def test_gelu_ffn_cuda_backend(ext, dtype, case):
+    _ffn_check("cuda", *case, dtype, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=_ids)
+def test_linear_gelu_cuda_inference_and_expanded_grad(ext, dtype):
+    """No grad: h is not stored; .sum().backward(): dy is expanded (strides (0, 0))."""
+    x = torch.randn(33, 1000, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(77, 1000, device="cuda") * 0.03).to(dtype)
+    b = torch.randn(77, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        y = fastlm.linear_gelu(x, w, b, backend="cuda")
+        yd = ref_ffn.linear_gelu(x.double(), w.double(), b.double())
+        assert_parity(y, yd, F.gelu(F.linear(x, w, b)), name="y (no grad)")
+    fastlm.linear_gelu(x, w, b, backend="cuda").sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ref_ffn.linear_gelu(xd, w.double(), b.double()).sum().backward()
+    xl = x.detach().clone().requires_grad_()
+    F.gelu(F.linear(xl, w, b)).sum().backward()
+    assert_parity(x.grad, xd.grad, xl.grad, name="dx (expanded dy)")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=_ids)
+def test_ffn_cuda_backward_recomputes_missing_pre_activation(ext, dtype):
+    from fastlm.ops import ffn as ffn_op
+
+    x = torch.randn(17, 64, device="cuda", dtype=dtype)
+    w = (torch.randn(100, 64, device="cuda") * 0.125).to(dtype)
+    b, dy = (
+        torch.randn(100, device="cuda", dtype=dtype),
+        torch.randn(17, 100, device="cuda").to(dtype),
+    )
+    missing = x.new_empty((0,))
+    got = ffn_op._linear_gelu_bwd(dy, x, w, b, missing, "tanh", True, True, True, "cuda")
+    want = ffn_op._linear_gelu_bwd(
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+        missing.double(),
+        "tanh",
+        True,
+        True,
+        True,
+        "torch",
+    )
+    for name, g, gw in zip(("dx", "dw", "db"), got, want):
+        assert g.dtype == dtype
+        # fp32: the row sums of db / dw accumulate M terms; low precision: one rounding of
+        # dh plus the GEMM's.
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+        torch.testing.assert_close(g.double(), gw, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# head_dim 64 / 128 cases of the CPU suite (the CUDA kernel's head dims), plus a long cache
+# whose keys the kernel splits over several blocks.
+KV_CASES = {
+    **{
+        name: KV_CPU_CASES[name]
+        for name in ("sq3-gqa4:2-hd64", "sq1-gqa4:1-hd128-noappend", "sq3-noncausal")
+    },
+    "sq1-mha-hd128-long": (3, 1, 4, 4, 128, 5000, [4999, 1, 2500], True, True),
+    "sq5-gqa8:2-hd64-long": (2, 5, 8, 2, 64, 3000, [0, 2995], True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=_ids)
+@pytest.mark.parametrize("case", list(KV_CASES), ids=list(KV_CASES))
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided-cache"])
+def test_attention_with_kvcache_cuda_backend(ext, dtype, case, strided):
+    kv_check(KV_CASES[case], dtype, torch.device("cuda"), "cuda", strided=strided)
+
+
+def test_attention_with_kvcache_cuda_out_of_range_gives_nan(ext):
+    """Lengths the host does not check on CUDA: NaN rows, cache untouched, others exact."""
+    from fastlm.ops import attention_kvcache as kv_op
+
+    dt = torch.float16
+    q = torch.randn(3, 1, 4, 64, device="cuda", dtype=dt)
+    kc = torch.randn(3, 40, 2, 64, device="cuda", dtype=dt)
+    vc, new = torch.randn_like(kc), torch.randn(3, 1, 2, 64, device="cuda", dtype=dt)
+    kc0, vc0 = kc.clone(), vc.clone()
+    lens = torch.tensor([-1, 40, 7], device="cuda", dtype=torch.int32)  # bad, bad, ok
+    out = kv_op._attention_with_kvcache(q, kc, vc, lens, new, new, True, 0.125, 0, "cuda")
+    assert torch.isnan(out[:2]).all() and not torch.isnan(out[2]).any()
+    torch.testing.assert_close(kc[:2], kc0[:2], rtol=0, atol=0)
+    torch.testing.assert_close(vc[:2], vc0[:2], rtol=0, atol=0)
+    good = lens[2:]
+    oracle = kv_oracle(q[2:], kc0[2:], vc0[2:], good, new[2:], new[2:], True, 0.125)
+    base = kv_oracle(q[2:], kc0[2:], vc0[2:], good, new[2:], new[2:], True, 0.125, upcast=False)
+    assert_parity(out[2:], oracle, base, name="valid sequence")
+
+
+def test_attention_with_kvcache_cuda_graph_decode_step(ext):
+    """The cuda backend's decode step (torch-indexing append + split-KV kernel) has no host
+    sync: it captures in a CUDA graph and replays with new lengths."""
+    dt = torch.float16
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=dt)
+    kc = torch.randn(2, 4096, 2, 128, device="cuda", dtype=dt)
+    vc = torch.randn_like(kc)
+    k, v = (
+        torch.randn(2, 1, 2, 128, device="cuda", dtype=dt),
+        torch.randn(2, 1, 2, 128, device="cuda", dtype=dt),
+    )
+    lens = torch.tensor([4000, 17], device="cuda", dtype=torch.int32)
+
+    def step():
+        return fastlm.attention_with_kvcache(q, kc, vc, lens, k=k, v=v, backend="cuda")
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for t in (q, k, v):
+        t.normal_()
+    lens.copy_(torch.tensor([100, 3000], device="cuda", dtype=torch.int32))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, step(), atol=0, rtol=0)
+    torch.testing.assert_close(kc[0, 100], k[0, 0], atol=0, rtol=0)
+    torch.testing.assert_close(vc[1, 3000], v[1, 0], atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -279,6 +431,12 @@ x = torch.randn(5, 1001, device="cuda", dtype=torch.float16)
 y, _, mean, rstd = m.layer_norm_fwd(x, x, None, None, 1e-5)
 m.layer_norm_bwd(y, None, x, None, mean, rstd, False, False)
 m.bias_gelu(x, None, "tanh", True)
+xs = x[:, 1:]  # odd row stride, 2-byte offset: the unaligned (element-wise) path
+b = torch.randn(1000, device="cuda")
+_, h = m.bias_gelu(xs, b.half(), "none", True)
+m.gelu_bwd(xs, h, "tanh")
+m.bias_residual_add(xs, b, xs)
+m.bias_residual_add(x, None, x)
 q = torch.randn(2, 37, 2, 64, device="cuda", dtype=torch.float16)
 m.attention(q, q, q, None, None, True)
 kc = torch.randn(2, 600, 2, 64, device="cuda", dtype=torch.float16)
