@@ -11,6 +11,8 @@ and its share of the HBM peak, taken as a device-to-device copy measured in this
 
 * fastlm-<backend>         attention only (k=None), the like-for-like comparison with SDPA;
 * fastlm-<backend>+append  the full decode step: write the new k, v into the cache, attend;
+  <backend> is triton, and cuda (csrc/attention_decode.cu; its append is torch indexing)
+  wherever fastlm.backends.device_reason("cuda", device) is None (the extension loaded);
 * sdpa-<flash|efficient|cudnn>  F.scaled_dot_product_attention on k_cache[:, :ctx];
 * reference                fastlm.reference (PyTorch eager, fp32), where it fits in memory.
 """
@@ -80,6 +82,7 @@ def bench_shape(
     res: Results, peak_gbps: float, bsz, ctx, heads, d, dtype, dev: torch.device
 ) -> None:
     import fastlm
+    from fastlm.backends import device_reason
     from fastlm.reference import attention_kvcache as ref
 
     s_max = ctx + 1  # room for the appended token
@@ -104,9 +107,9 @@ def bench_shape(
     # The check result: SDPA with the first backend that serves the shape (flash reads the
     # strided cache without copies, so this fits in memory at every benchmarked size).
     want = _sdpa(q, k_cache, v_cache, ctx, [*_sdpa_backends().values(), _math()])
-    for backend in fastlm.available_backends(dev):
-        if backend == "torch":
-            continue  # timed as "reference" below
+    for backend in ("triton", "cuda"):  # torch is timed as "reference" below
+        if device_reason(backend, dev) is not None:
+            continue
         try:
             attend = functools.partial(
                 fastlm.attention_with_kvcache, q, k_cache, v_cache, seqlens, backend=backend

@@ -11,6 +11,11 @@ linear_gelu y = gelu(x W^T + b), x (M, K), W (N, K), against
 gelu_ffn out = gelu(x W1^T + b1) W2^T + b2 + x (BERT's residual), against the same in eager
 PyTorch and torch.compile.
 
+fastlm rows: fastlm-triton (GEMMs with fused epilogues) and, where the CUDA C++ extension
+is available (fastlm.backends.device_reason("cuda", device) is None), fastlm-cuda (cuBLAS
+GEMMs + the csrc bias+GELU / GELU-backward / bias+residual epilogue kernels). Rows of both
+on the same shape feed benchmarks/make_dispatch_table.py.
+
 FLOPs: a GEMM is 2 M N K; linear_gelu forward 2 M N K, forward+backward 3x that (dx and dW
 are one GEMM each); gelu_ffn forward 4 M H I, forward+backward 12 M H I. Elementwise work is
 not counted. Ratios are against baselines measured in the same process.
@@ -29,34 +34,49 @@ MODELS = {"bert-base": (768, 3072, "none"), "gpt2-medium": (1024, 4096, "tanh")}
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
-def _linear_gelu_impls():
+def fastlm_backends(device) -> list[str]:
+    """The fastlm backends benchmarked on ``device``: triton, plus cuda when it is available."""
+    from fastlm import backends
+
+    return ["triton", *(["cuda"] if backends.device_reason("cuda", device) is None else [])]
+
+
+def _linear_gelu_impls(fastlm_names):
     import fastlm
 
     def eager(x, w, b, approximate):
         return F.gelu(F.linear(x, w, b), approximate=approximate)
 
+    def fast(backend):
+        return lambda x, w, b, a: fastlm.linear_gelu(x, w, b, approximate=a, backend=backend)
+
     return {
-        "fastlm-triton": lambda x, w, b, a: fastlm.linear_gelu(
-            x, w, b, approximate=a, backend="triton"
-        ),
+        **{f"fastlm-{name}": fast(name) for name in fastlm_names},
         "torch": eager,
         "torch.compile": torch.compile(eager),
         "cublas-gemm": lambda x, w, b, a: F.linear(x, w, b),
     }
 
 
-def _gelu_ffn_impls():
+def _gelu_ffn_impls(fastlm_names):
     import fastlm
 
     def eager(x, w1, b1, w2, b2, approximate):
         return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2) + x
 
-    def fast(x, w1, b1, w2, b2, approximate):
-        return fastlm.gelu_ffn(
-            x, w1, b1, w2, b2, approximate=approximate, residual=x, backend="triton"
-        )
+    def fast(backend):
+        def run(x, w1, b1, w2, b2, approximate):
+            return fastlm.gelu_ffn(
+                x, w1, b1, w2, b2, approximate=approximate, residual=x, backend=backend
+            )
 
-    return {"fastlm-triton": fast, "torch": eager, "torch.compile": torch.compile(eager)}
+        return run
+
+    return {
+        **{f"fastlm-{name}": fast(name) for name in fastlm_names},
+        "torch": eager,
+        "torch.compile": torch.compile(eager),
+    }
 
 
 def _time_passes(fn, args, leaves, dy, timer):
@@ -84,7 +104,9 @@ def _record(res, op, model, impl, dtype, shape, times, flops, baselines):
 def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> None:
     """All rows for the given sizes (device and timer are parameters so the script can be
     smoke-tested without a GPU)."""
-    lg_impls, ffn_impls = _linear_gelu_impls(), _gelu_ffn_impls()
+    names = fastlm_backends(device)
+    fast_impls = [f"fastlm-{name}" for name in names]
+    lg_impls, ffn_impls = _linear_gelu_impls(names), _gelu_ffn_impls(names)
     # One compiled graph per shape: keep torch.compile from falling back to eager after the
     # default recompile limit.
     for name in ("recompile_limit", "cache_size_limit"):
@@ -111,7 +133,7 @@ def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> No
                 flops = {"fwd": 2 * m * hidden * inter, "fwd+bwd": 6 * m * hidden * inter}
                 dy = torch.randn(m, inter, device=device, dtype=dtype)
                 baselines: dict = {}
-                for impl in ("cublas-gemm", "torch", "torch.compile", "fastlm-triton"):
+                for impl in ("cublas-gemm", "torch", "torch.compile", *fast_impls):
                     times = _time_passes(
                         lg_impls[impl], (x, w1, b1, approximate), (x, w1, b1), dy, timer
                     )
@@ -121,7 +143,7 @@ def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> No
                 flops = {"fwd": 4 * m * hidden * inter, "fwd+bwd": 12 * m * hidden * inter}
                 dy = torch.randn(m, hidden, device=device, dtype=dtype)
                 baselines = {}
-                for impl in ("torch", "torch.compile", "fastlm-triton"):
+                for impl in ("torch", "torch.compile", *fast_impls):
                     args = (x, w1, b1, w2, b2, approximate)
                     times = _time_passes(ffn_impls[impl], args, (x, w1, b1, w2, b2), dy, timer)
                     _record(res, "gelu_ffn", model, impl, dtype, shape, times, flops, baselines)
