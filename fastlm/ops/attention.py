@@ -15,6 +15,18 @@ it and a fixed torch.manual_seed reproduces it. ``dropout_mask`` materialises it
 tests. The torch backend draws its mask with torch.rand from the same seed: the masks of
 the two backends differ, each is reproducible.
 
+Backends: ``triton`` (fastlm.kernels.attention_fwd/_bwd), ``torch`` (fastlm.reference) and
+``cuda``: the forward runs the FlashAttention-2 kernel of csrc/attention_fwd.cu (through
+fastlm._cuda_ext; fp16/bf16, head_dim 64/128, no dropout, 16-byte aligned operands), which
+has no backward. The backward of a cuda forward runs the Triton backward kernels: they need
+only q, k, v, out and the row log-sum-exp, and the CUDA kernel's natural-log lse converts
+exactly in meaning (lse2 = lse * log2 e; +inf stays +inf, so rows that saw no key recompute
+P = 2^(-inf) = 0 and get zero gradients, never NaN). The conversion adds one fp32 rounding
+(relative 6e-8 of |lse2|), far below the fp16/bf16 rounding of the gradients the kernel
+returns; the torch backend's backward consumes a natural lse the same way. Where the
+Triton kernels cannot run on the device (triton not importable) the backward of a cuda
+forward is the torch reference backward on the natural lse.
+
 The validation helpers below (check_qkv, check_head_dim, check_gqa, ...) are shared with
 fastlm.ops.attention_kvcache.
 """
@@ -31,6 +43,7 @@ OP = "attention"
 OP_VARLEN = "attention_varlen"
 TRITON_MIN_HEAD_DIM = 16
 TRITON_MAX_HEAD_DIM = 256
+CUDA_MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
 _SEED_BOUND = 2**62
 
 
@@ -61,16 +74,37 @@ def triton_head_dim_reason(head_dim: int) -> str | None:
     return None
 
 
-def limits(head_dim: int):
+def cuda_reason(
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, dropout_p: float
+) -> str | None:
+    """Why csrc/attention_fwd.cu cannot serve this call (None: it can).
+
+    dtype, head_dim, dropout and alignment come from fastlm._cuda_ext.op_reason (which also
+    says whether the extension loads). The grid limits are the kernel's (grid.y = heads,
+    grid.z = batch); its binding checks them too, but with a TORCH_CHECK that would make
+    an automatic choice fail instead of falling back.
+    """
+    heads = q.shape[-2]
+    if batch > CUDA_MAX_GRID_YZ or heads > CUDA_MAX_GRID_YZ:
+        return (
+            f"the CUDA attention kernel needs batch <= {CUDA_MAX_GRID_YZ} and heads <= "
+            f"{CUDA_MAX_GRID_YZ}, got {batch} and {heads}"
+        )
+    from fastlm import _cuda_ext
+
+    return _cuda_ext.op_reason(op, q=q, k=k, v=v, dropout_p=dropout_p)
+
+
+def limits(
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, dropout_p: float
+):
     """Per-backend reason this call cannot be served (for backends.choose)."""
 
     def limit(backend: str) -> str | None:
         if backend == "triton":
-            return triton_head_dim_reason(head_dim)
+            return triton_head_dim_reason(q.shape[-1])
         if backend == "cuda":
-            return (
-                "no CUDA C++ attention kernel is built for fastlm.attention (use triton or torch)"
-            )
+            return cuda_reason(op, q, k, v, batch, dropout_p)
         return None
 
     return limit
@@ -277,6 +311,34 @@ def _torch_mask(seed, batch, heads, max_sq, max_sk, dropout_p, device):
     return torch_dropout_mask(_seed_int(seed), batch, heads, max_sq, max_sk, dropout_p, device)
 
 
+def _no_cuda_dropout(dropout_p: float) -> None:
+    # limits() keeps dropout away from the cuda backend; a direct call of the custom op
+    # must not get attention without the dropout it asked for.
+    if dropout_p:
+        raise NotImplementedError(
+            f"fastlm.{OP}: the CUDA attention kernel has no dropout, got dropout_p={dropout_p}"
+        )
+
+
+def _cuda_fwd(q, k, v, kpm, cu_q, cu_k, max_sq, max_sk, causal, scale, dropout_p):
+    """(out, natural lse) from csrc/attention_fwd.cu; lse (B, H, Sq) or (H, total_q) fp32,
+    +inf and out = 0 on rows that see no key (the same convention as the reference)."""
+    from fastlm import _cuda_ext
+
+    _no_cuda_dropout(dropout_p)
+    ext = _cuda_ext.module()
+    if cu_q is not None:
+        # The binding wants contiguous offsets (a (B + 1,) int32 copy at most).
+        return ext.attention_varlen(
+            q, k, v, cu_q.contiguous(), cu_k.contiguous(), max_sq, max_sk, scale, causal
+        )
+    if kpm is not None and kpm.shape[1] > 1 and kpm.stride(1) != 1:
+        # The kernel reads mask rows with unit stride; the mask is B * Sk bytes, so copying
+        # a strided one costs nothing next to the attention itself.
+        kpm = kpm.contiguous()
+    return ext.attention(q, k, v, kpm, scale, causal)
+
+
 def _fwd_impl(q, k, v, kpm, cu_q, cu_k, seed, max_sq, max_sk, causal, scale, dropout_p, backend):
     varlen = cu_q is not None
     if backend == "triton":
@@ -284,6 +346,8 @@ def _fwd_impl(q, k, v, kpm, cu_q, cu_k, seed, max_sq, max_sk, causal, scale, dro
 
         s = _seed_int(seed) if seed is not None else 0
         return attention_fwd(q, k, v, kpm, cu_q, cu_k, max_sq, max_sk, causal, scale, dropout_p, s)
+    if backend == "cuda":
+        return _cuda_fwd(q, k, v, kpm, cu_q, cu_k, max_sq, max_sk, causal, scale, dropout_p)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     mask = _torch_mask(seed, batch, q.shape[-2], max_sq, max_sk, dropout_p, q.device)
     if varlen:
@@ -304,6 +368,19 @@ def _bwd_impl(dout, q, k, v, out, lse, kpm, cu_q, cu_k, seed, max_sq, max_sk, ca
         return attention_bwd(
             dout, q, k, v, out, lse, kpm, cu_q, cu_k, max_sq, max_sk, causal, scale, dropout_p, s
         )
+    if backend == "cuda":
+        _no_cuda_dropout(dropout_p)
+        if backends.device_reason("triton", q.device) is None:
+            from fastlm.kernels.attention_bwd import attention_bwd
+            from fastlm.kernels.attention_common import LOG2E
+
+            # The cuda forward saved the natural lse; the Triton kernels take lse * log2 e.
+            # +inf (rows with no key) stays +inf: their P = 2^(S log2 e - inf) is exactly 0.
+            return attention_bwd(
+                dout, q, k, v, out, lse * LOG2E, kpm, cu_q, cu_k, max_sq, max_sk, causal, scale,
+                0.0, 0,
+            )  # fmt: skip
+        # No Triton on this device: the reference backward, which takes the natural lse.
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     mask = _torch_mask(seed, batch, q.shape[-2], max_sq, max_sk, dropout_p, q.device)
     if varlen:
@@ -319,8 +396,9 @@ def _bwd_impl(dout, q, k, v, out, lse, kpm, cu_q, cu_k, seed, max_sq, max_sk, ca
 
 
 # The second output is the backend's own row statistic, consumed only by the same backend's
-# backward: the natural log-sum-exp for torch, the base-2 one (lse * log2 e) for triton,
-# whose backward then recomputes P = 2^(S log2 e - lse2) without re-rounding a large lse.
+# backward: the natural log-sum-exp for torch and cuda (the CUDA kernel's own unit; its
+# backward converts), the base-2 one (lse * log2 e) for triton, whose backward then
+# recomputes P = 2^(S log2 e - lse2) without re-rounding a large lse.
 # Rows with no key hold +inf in both. Padded: (B, H, Sq); packed: (H, total_q).
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd(
@@ -436,7 +514,7 @@ def attention(
     if key_padding_mask is not None:
         check_key_padding_mask(OP, key_padding_mask, k.shape[0], k.shape[1], q.device)
     scale = _common_args(OP, causal, softmax_scale, dropout_p, q.shape[-1])
-    chosen = backends.choose(OP, q.device, backend, limits(q.shape[-1]))
+    chosen = backends.choose(OP, q.device, backend, limits(OP, q, k, v, q.shape[0], dropout_p))
     seed = draw_seed() if dropout_p > 0 else None
     out, _ = _attention_fwd(
         q, k, v, key_padding_mask, None, None, seed, q.shape[1], k.shape[1],
@@ -473,7 +551,10 @@ def attention_varlen(
         q.device,
     )  # fmt: skip
     scale = _common_args(OP_VARLEN, causal, softmax_scale, dropout_p, q.shape[-1])
-    chosen = backends.choose(OP_VARLEN, q.device, backend, limits(q.shape[-1]))
+    batch = cu_seqlens_q.numel() - 1
+    chosen = backends.choose(
+        OP_VARLEN, q.device, backend, limits(OP_VARLEN, q, k, v, batch, dropout_p)
+    )
     seed = draw_seed() if dropout_p > 0 else None
     out, _ = _attention_fwd(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,

@@ -9,10 +9,13 @@ values of two factors in at least one case, for fp32 and fp16 (bf16 on GPU only)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import fastlm
+from fastlm import backends
 from fastlm.backends import BackendUnavailableError
 from fastlm.ops import attention as A
 from fastlm.reference import attention as ref
@@ -318,3 +321,129 @@ def test_opcheck(backend, device):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     args = (q, k, v, mask, None, None, None, 5, 7, True, 0.25, 0.0, backend)
     torch.library.opcheck(A._attention_fwd, args)
+
+
+# ------------------------------------------------------------------ cuda backend (CPU side)
+# The CUDA kernel itself is tested on a GPU in tests/csrc/test_cuda_attention.py. Here:
+# dispatch on CPU tensors, and the backward of a cuda forward, which is the Triton
+# backward fed the CUDA kernel's natural lse (or the reference without Triton). The
+# reference forward produces the same (out, natural lse, +inf on empty rows) contract.
+
+CPU = torch.device("cpu")
+
+
+def test_cuda_backend_on_cpu_names_why():
+    why = re.escape(
+        "backend 'cuda' cannot serve this call: the CUDA C++ kernels need CUDA tensors, got "
+        "device 'cpu'"
+    )
+    q, k, v, _ = make_inputs(1, 5, 5, 2, 2, 64, torch.float16, CPU)
+    with pytest.raises(BackendUnavailableError, match=why):
+        fastlm.attention(q, k, v, backend="cuda")
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(BackendUnavailableError, match=why):
+        fastlm.attention_varlen(q[0], k[0], v[0], cu, cu, 3, 3, backend="cuda")
+
+
+def test_cuda_grid_limits():
+    q = torch.empty(1, 1, 70000, 64, device="meta", dtype=torch.float16)
+    k = torch.empty(1, 1, 1, 64, device="meta", dtype=torch.float16)
+    limit = A.limits(A.OP, q, k, k, 1, 0.0)
+    assert "batch <= 65535 and heads <= 65535, got 1 and 70000" in limit("cuda")
+    assert limit("torch") is None
+    assert "got 70000 and 1" in A.cuda_reason(A.OP_VARLEN, k[0], k[0], k[0], 70000, 0.0)
+
+
+def test_cuda_custom_op_refuses_dropout():
+    q, k, v, _ = make_inputs(1, 5, 5, 2, 2, 64, torch.float16, CPU)
+    args = (None, None, None, A.draw_seed(), 5, 5, False, 0.125, 0.1, "cuda")
+    with pytest.raises(NotImplementedError, match=r"no dropout, got dropout_p=0\.1"):
+        A._attention_fwd(q, k, v, *args)
+    with pytest.raises(NotImplementedError, match=r"no dropout, got dropout_p=0\.1"):
+        A._attention_bwd(q, q, k, v, q, q[..., 0].float(), *args)
+
+
+def _cuda_bwd_case(dtype, varlen):
+    """Inputs, the reference forward's (out, natural lse) and the reference callable: padded
+    with causal Sq > Sk and a fully padded sequence, or packed with an empty and a 1-key
+    sequence, so that some rows see no key (lse = +inf)."""
+    if varlen:
+        lq, lk = [7, 0, 9, 3], [4, 5, 9, 1]
+        q = torch.randn(sum(lq), 4, 64).to(dtype)
+        k, v = (torch.randn(sum(lk), 2, 64).to(dtype) for _ in range(2))
+        cu_q, cu_k = (
+            torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+            for n in (lq, lk)
+        )
+        args = (None, cu_q, cu_k, None, max(lq), max(lk), True, 0.125, 0.0)
+
+        def fn(q, k, v, upcast=True, return_lse=False):
+            return ref.attention_varlen(
+                q, k, v, cu_q, cu_k, True, 0.125, upcast=upcast, return_lse=return_lse
+            )
+    else:
+        b, sq, sk = 2, 12, 7
+        q, k, v, _ = make_inputs(b, sq, sk, 4, 2, 64, dtype, CPU)
+        mask = torch.ones(b, sk, dtype=torch.bool)
+        mask[1] = False
+        mask[0, 2] = False
+        args = (mask, None, None, None, sq, sk, True, 0.125, 0.0)
+
+        def fn(q, k, v, upcast=True, return_lse=False):
+            return ref.attention(q, k, v, True, mask, 0.125, upcast=upcast, return_lse=return_lse)
+
+    out, lse = fn(q, k, v, return_lse=True)
+    assert torch.isinf(lse).any() and (lse[torch.isinf(lse)] > 0).all()
+    return (q, k, v), out, lse.float().contiguous(), args, fn
+
+
+def _check_cuda_bwd(inputs, out, lse, args, fn):
+    dout = torch.randn_like(out)
+    dq, dk, dv = A._bwd_impl(dout, *inputs, out, lse, *args, "cuda")
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    check_against_reference(out, (dq, dk, dv), [t.requires_grad_() for t in inputs], dout, fn)
+    return dq
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_cuda_backward_runs_triton_on_base2_lse(varlen, dtype, monkeypatch):
+    from fastlm.kernels import attention_bwd as kbwd
+    from fastlm.kernels.attention_common import LOG2E
+
+    inputs, out, lse, args, fn = _cuda_bwd_case(dtype, varlen)
+    seen = []
+    real = kbwd.attention_bwd
+
+    def spy(*a):
+        seen.append(a[5])  # the lse handed to the Triton kernels
+        return real(*a)
+
+    monkeypatch.setattr(kbwd, "attention_bwd", spy)
+    dq = _check_cuda_bwd(inputs, out, lse, args, fn)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], lse * LOG2E, rtol=0, atol=0)
+    empty = torch.isinf(lse)  # rows that saw no key: exactly zero dq
+    rows = dq.permute(1, 0, 2)[empty] if varlen else dq.permute(0, 2, 1, 3)[empty]
+    assert (rows == 0).all()
+
+
+def test_cuda_backward_without_triton_uses_reference(monkeypatch):
+    from fastlm.kernels import attention_bwd as kbwd
+
+    inputs, out, lse, args, fn = _cuda_bwd_case(torch.float16, varlen=False)
+    real_reason = backends.device_reason
+
+    def no_triton(backend, device):
+        return (
+            "triton is not importable (test)"
+            if backend == "triton"
+            else real_reason(backend, device)
+        )
+
+    def forbidden(*a):
+        raise AssertionError("the Triton backward must not run without Triton")
+
+    monkeypatch.setattr(backends, "device_reason", no_triton)
+    monkeypatch.setattr(kbwd, "attention_bwd", forbidden)
+    _check_cuda_bwd(inputs, out, lse, args, fn)
