@@ -28,14 +28,19 @@ help:
 	@echo "make gpu-test  the test suite on a GPU, offline (reuses the installed torch/triton)"
 	@echo "make lint      ruff check and format check"
 
+# --system-site-packages reaches the base interpreter's packages only; when $(PYTHON) is
+# itself a venv (the GPU image's python3 is), a .pth file adds its site-packages too, so the
+# preinstalled torch/triton/transformers are reused and nothing is downloaded.
 $(VENV)/.stamp-venv:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
+	  > "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_fastlm_parent_site.pth"
 	@touch $@
 
 # Full set-up with test extras (needs the package registry).
 $(VENV)/.stamp-test: $(VENV)/.stamp-venv pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q "setuptools>=77" wheel
+	$(PY) -m pip install -q "setuptools>=64" wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,dev]"
 	@touch $@
 
