@@ -100,7 +100,7 @@ def bench_shape(
             return
         gbps = nbytes / ms * 1e-6
         res.add(
-            op="decode", impl=impl, dtype=dtype, shape=shape, ms=ms, gbps=gbps,
+            op="attention_with_kvcache", impl=impl, dtype=dtype, shape=shape, ms=ms, gbps=gbps,
             pct_peak=100.0 * gbps / peak_gbps,
         )  # fmt: skip
 

@@ -21,11 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 TABLE = os.path.join(os.path.dirname(HERE), "fastlm", "dispatch_table.json")
 IMPLS = {"fastlm-triton": "triton", "fastlm-cuda": "cuda"}
-TIMING_KEYS = {"impl", "ms", "gbps", "tflops", "speedup", "pct", "pct_bw", "us"}
 
 
 def _config(row: dict) -> str:
-    return json.dumps({k: v for k, v in row.items() if k not in TIMING_KEYS}, sort_keys=True, default=str)
+    """What identifies a measurement: every field but the implementation and the measured
+    values. Measurements (ms, GB/s, TFLOP/s, ratios to baselines) are floats; identifying
+    fields (op, pass, dtype, shape, flags, integer sizes) are not."""
+    ident = {k: v for k, v in row.items() if k != "impl" and not isinstance(v, float) and v is not None}
+    return json.dumps(ident, sort_keys=True, default=str)
 
 
 def build(rows: list[dict]) -> dict:
