@@ -92,7 +92,29 @@ def cuda_reason(
         )
     from fastlm import _cuda_ext
 
+    if torch.compiler.is_compiling():
+        return _traceable_cuda_reason(q, k, v, dropout_p, _cuda_ext)
     return _cuda_ext.op_reason(op, q=q, k=k, v=v, dropout_p=dropout_p)
+
+
+def _traceable_cuda_reason(q, k, v, dropout_p, ext) -> str | None:
+    """The limits of _cuda_ext.supports that Dynamo can trace. Its data_ptr() alignment
+    check cannot be traced (a graph break, an error under fullgraph=True), and the address
+    of a graph input is not fixed at trace time anyway: here only strides are checked, and
+    the binding checks the data's 16-byte alignment at run time (a RuntimeError, never a
+    launch on misaligned data)."""
+    if q.device.type != "cuda":
+        return f"the CUDA C++ kernels need CUDA tensors, got device {q.device.type!r}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA attention kernels take float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in ext.ATTENTION_HEAD_DIMS:
+        return f"the CUDA attention kernels support head_dim {ext.ATTENTION_HEAD_DIMS}, got {q.shape[-1]}"
+    if dropout_p:
+        return f"the CUDA attention kernels have no dropout, got dropout_p={dropout_p}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if any(st % 8 != 0 and n != 1 for st, n in zip(t.stride()[:-1], t.shape[:-1])):
+            return f"{name} needs strides that are multiples of 8 elements, got {tuple(t.stride())}"
+    return ext.unavailable_reason()
 
 
 def limits(

@@ -447,3 +447,23 @@ def test_cuda_backward_without_triton_uses_reference(monkeypatch):
     monkeypatch.setattr(backends, "device_reason", no_triton)
     monkeypatch.setattr(kbwd, "attention_bwd", forbidden)
     _check_cuda_bwd(inputs, out, lse, args, fn)
+
+
+def test_cuda_reason_traces_under_compile(monkeypatch):
+    # Under torch.compile the cuda limits must trace (fullgraph=True): _cuda_ext.op_reason
+    # reads data_ptr(), which Dynamo cannot trace, so it must not be reached.
+    from fastlm import _cuda_ext
+
+    def untraceable(*a, **kw):
+        raise AssertionError("_cuda_ext.op_reason reads data_ptr(): not under torch.compile")
+
+    monkeypatch.setattr(_cuda_ext, "op_reason", untraceable)
+
+    def f(q):
+        reason = A.cuda_reason(A.OP, q, q, q, 1, 0.0)
+        return q * (2.0 if reason is None else 3.0), reason
+
+    q = torch.randn(1, 3, 2, 64, dtype=torch.float16)
+    out, reason = torch.compile(f, fullgraph=True, backend="eager")(q)
+    assert reason == "the CUDA C++ kernels need CUDA tensors, got device 'cpu'"
+    torch.testing.assert_close(out, q * 3.0)
