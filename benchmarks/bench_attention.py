@@ -1,4 +1,4 @@
-"""Attention benchmark: fastlm (Triton) vs F.scaled_dot_product_attention per backend.
+"""Attention benchmark: fastlm (Triton, CUDA C++) vs F.scaled_dot_product_attention per backend.
 
 Grids:
 * FlashAttention grid: hidden 2048 (head_dim 64 x 32 heads, 128 x 16), seq 512..16384,
@@ -12,6 +12,11 @@ TFLOP/s use 4 * B * S^2 * H * D for the forward (halved for causal), 2.5x that f
 backward (DESIGN.md); the padding grid counts the useful FLOPs (sum of len^2).
 Baselines: SDPA flash, efficient, cudnn, math; torch.compile of the plain math; each
 baseline that cannot run a shape (unsupported, OOM) is recorded as None.
+
+fastlm-cuda rows (csrc/attention_fwd.cu forward; its backward is the Triton one) appear
+wherever fastlm.backends.device_reason("cuda", device) is None (the extension loaded) and
+the call is within the kernel's limits (fastlm.ops.attention.cuda_reason: fp16/bf16,
+head_dim 64/128, aligned operands); fastlm-padded-cuda / fastlm-varlen-cuda likewise.
 """
 
 from __future__ import annotations
@@ -60,12 +65,25 @@ def _naive(causal: bool):
     return run
 
 
-def _fastlm(causal: bool, mask: torch.Tensor | None = None):
+def _fastlm(causal: bool, mask: torch.Tensor | None = None, backend: str = "triton"):
     import fastlm
 
     return lambda q, k, v: fastlm.attention(
-        q, k, v, causal=causal, key_padding_mask=mask, backend="triton"
+        q, k, v, causal=causal, key_padding_mask=mask, backend=backend
     )
+
+
+def _cuda_serves(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> bool:
+    """Whether backend="cuda" can run this call (extension loaded, within its limits)."""
+    from fastlm.backends import device_reason
+    from fastlm.ops.attention import cuda_reason
+
+    reason = device_reason("cuda", q.device) or cuda_reason(op, q, k, v, batch, 0.0)
+    return reason is None
+
+
+def _fastlm_backends(op: str, q, k, v, batch: int) -> list[str]:
+    return ["triton", *(["cuda"] if _cuda_serves(op, q, k, v, batch) else [])]
 
 
 def _time_passes(fn, q, k, v, passes):
@@ -92,8 +110,10 @@ def _time_passes(fn, q, k, v, passes):
     return res
 
 
-def _impls(causal: bool, mask=None, with_compile=True):
+def _impls(causal: bool, mask=None, with_compile=True, cuda=False):
     impls = {"fastlm-triton": _fastlm(causal, mask)}
+    if cuda:
+        impls["fastlm-cuda"] = _fastlm(causal, mask, "cuda")
     for kind in SDPA:
         impls[kind] = _sdpa(kind, causal, mask)
     if with_compile and mask is None:
@@ -122,7 +142,8 @@ def flash_grid(res, quick: bool) -> None:
                     )
                     flops = 4 * b * s * s * h * d / (2 if causal else 1)
                     shape = dict(B=b, S=s, H=h, D=d, causal=causal)
-                    for name, fn in _impls(causal, with_compile=not quick).items():
+                    cuda = _cuda_serves("attention", q, k, v, b)
+                    for name, fn in _impls(causal, with_compile=not quick, cuda=cuda).items():
                         times = _time_passes(fn, q, k, v, ("fwd", "bwd", "fwd+bwd"))
                         _record(res, "flash", name, dtype, shape, times, flops)
                     del q, k, v
@@ -140,7 +161,8 @@ def model_grid(res, quick: bool) -> None:
                 )
                 flops = 4 * b * s * s * 12 * 64 / (2 if causal else 1)
                 shape = dict(B=b, S=s, H=12, D=64, causal=causal)
-                for name, fn in _impls(causal, with_compile=not quick).items():
+                cuda = _cuda_serves("attention", q, k, v, b)
+                for name, fn in _impls(causal, with_compile=not quick, cuda=cuda).items():
                     times = _time_passes(fn, q, k, v, ("fwd", "fwd+bwd"))
                     _record(res, model, name, torch.float16, shape, times, flops)
 
@@ -159,8 +181,10 @@ def padding_grid(res, quick: bool) -> None:
         flops = 4 * float((lengths.double() ** 2).sum()) * h * d
         shape = dict(B=b, S=s, H=h, D=d, mean_len=float(lengths.float().mean()))
         print(f"padding grid S={s} mean length {shape['mean_len']:.0f}", flush=True)
-        times = _time_passes(_fastlm(False, mask), q, k, v, ("fwd", "fwd+bwd"))
-        _record(res, "padding", "fastlm-padded", torch.float16, shape, times, flops)
+        for backend in _fastlm_backends("attention", q, k, v, b):
+            times = _time_passes(_fastlm(False, mask, backend), q, k, v, ("fwd", "fwd+bwd"))
+            name = "fastlm-padded" + ("" if backend == "triton" else "-cuda")
+            _record(res, "padding", name, torch.float16, shape, times, flops)
 
         cu = torch.zeros(b + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0)
@@ -168,11 +192,14 @@ def padding_grid(res, quick: bool) -> None:
         qp, kp, vp = (t[mask] for t in (q, k, v))  # (total, H, D), packing outside the timing
         max_len = int(lengths.max())
 
-        def varlen(q, k, v):
-            return fastlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend="triton")
+        for backend in _fastlm_backends("attention_varlen", qp, kp, vp, b):
 
-        times = _time_passes(varlen, qp, kp, vp, ("fwd", "fwd+bwd"))
-        _record(res, "padding", "fastlm-varlen", torch.float16, shape, times, flops)
+            def varlen(q, k, v, backend=backend):
+                return fastlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=backend)
+
+            times = _time_passes(varlen, qp, kp, vp, ("fwd", "fwd+bwd"))
+            name = "fastlm-varlen" + ("" if backend == "triton" else "-cuda")
+            _record(res, "padding", name, torch.float16, shape, times, flops)
 
         sdpa_mask = mask[:, None, None, :]  # (B, 1, 1, S), True = attend
         for kind in SDPA:
