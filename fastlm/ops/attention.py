@@ -33,6 +33,8 @@ fastlm.ops.attention_kvcache.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fastlm import backends
@@ -229,6 +231,8 @@ def check_cu_seqlens(
     on the device into one flag and read back once (one sync, a readable ValueError);
     under torch.compile (where a read-back would break the graph) the same flag goes to
     torch._assert_async, which fails the run without a sync and keeps the graph whole.
+    A cu_seqlens tensor that passed is remembered (identity and version counter), so a
+    model calling every layer with the same one syncs once per forward, not once per layer.
     """
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         C.check_tensor(op, name, cu)
@@ -255,6 +259,11 @@ def check_cu_seqlens(
         lens = cu[1:] - cu[:-1]
         return (cu[0] != 0) | (cu[-1] != total) | (lens < 0).any() | (lens > max_len).any()
 
+    if not torch.compiler.is_compiling() and (
+        _validated(cu_seqlens_q, total_q, max_seqlen_q)
+        and _validated(cu_seqlens_k, total_k, max_seqlen_k)
+    ):
+        return
     flag = bad(cu_seqlens_q, total_q, max_seqlen_q) | bad(cu_seqlens_k, total_k, max_seqlen_k)
     if torch.compiler.is_compiling():
         torch._assert_async(
@@ -268,6 +277,25 @@ def check_cu_seqlens(
             f"(q {max_seqlen_q}, k {max_seqlen_k}); got cu_seqlens_q {cu_seqlens_q.tolist()} and "
             f"cu_seqlens_k {cu_seqlens_k.tolist()}"
         )
+    _remember_valid(cu_seqlens_q, total_q, max_seqlen_q)
+    _remember_valid(cu_seqlens_k, total_k, max_seqlen_k)
+
+
+# A model runs every layer on the same cu_seqlens: its values are checked (one host sync)
+# the first time and remembered, keyed by the tensor's identity and version counter (an
+# in-place change bumps the version), so later layers launch without syncing.
+_VALID_CU: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def _validated(cu: torch.Tensor, total: int, max_len: int) -> bool:
+    entry = _VALID_CU.get(id(cu))
+    return entry is not None and entry[0]() is cu and entry[1:] == (cu._version, total, max_len)
+
+
+def _remember_valid(cu: torch.Tensor, total: int, max_len: int) -> None:
+    if len(_VALID_CU) > 256:
+        _VALID_CU.clear()
+    _VALID_CU[id(cu)] = (weakref.ref(cu), cu._version, total, max_len)
 
 
 # ------------------------------------------------------------------ dropout

@@ -154,3 +154,19 @@ def test_compile_fullgraph_torch_backend(device):
     bad = torch.tensor([0, 3, 2, 10], dtype=torch.int32, device=device)
     with pytest.raises(RuntimeError):
         compiled(*inputs, bad, cu_k)
+
+
+def test_cu_seqlens_checked_once_and_again_after_in_place_change(device):
+    """Values are validated once per cu_seqlens tensor (one host sync for all layers of a
+    model); an in-place edit bumps the version counter and is validated again."""
+    q = torch.randn(10, 2, 32, device=device)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    fastlm.attention_varlen(q, q, q, cu, cu, 6, 6, backend="torch")
+    from fastlm.ops import attention as op
+
+    assert op._validated(cu, 10, 6)
+    with torch.no_grad():
+        cu[1] = 7  # a sequence of 7 > max_seqlen 6
+    assert not op._validated(cu, 10, 6)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        fastlm.attention_varlen(q, q, q, cu, cu, 6, 6, backend="torch")
