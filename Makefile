@@ -19,13 +19,14 @@ endif
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help venv test demo bench gpu-test check lint format clean
+.PHONY: help venv test test-compat demo bench gpu-test check lint format clean
 
 help:
 	@echo "make test      set up .venv and run the test suite (Triton interpreter without a GPU)"
 	@echo "make demo      MiniLM BERT and GPT-2 through fastlm vs Hugging Face"
 	@echo "make bench     kernel and model benchmarks (needs a GPU)"
 	@echo "make gpu-test  the test suite on a GPU, offline (reuses the installed torch/triton)"
+	@echo "make test-compat  the suite on the GPU image's versions (triton 3.6, transformers 5.17)"
 	@echo "make lint      ruff check and format check"
 
 # --system-site-packages reaches the base interpreter's packages only; when $(PYTHON) is
@@ -54,6 +55,20 @@ venv: $(VENV)/.stamp-test
 test: $(VENV)/.stamp-test
 	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
+# The GPU image pins older versions than a fresh CPU install gets: run the suite against
+# them too (interpreter), so API drift shows up before a GPU session. numpy < 2.3 because
+# triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 rejects.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PINS ?= "triton==3.6.0" "transformers==5.17.0" "numpy<2.3"
+$(COMPAT_VENV)/.stamp: $(VENV)/.stamp-test
+	$(MAKE) PYTHON=$(abspath $(PY)) VENV=$(COMPAT_VENV) $(COMPAT_VENV)/.stamp-venv
+	$(COMPAT_VENV)/bin/python -m pip install -q "setuptools>=64" wheel $(COMPAT_PINS)
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test-compat: $(COMPAT_VENV)/.stamp
+	$(RUN_ENV) $(COMPAT_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
 check: $(VENV)/.stamp-test
 	$(RUN_ENV) $(PY) -m fastlm check
 
@@ -75,4 +90,4 @@ format: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache .ruff_cache
