@@ -47,10 +47,12 @@ from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_h
 IDENTITY, GELU_ERF, GELU_TANH = 0, 1, 2
 ACTIVATIONS = {"identity": IDENTITY, "gelu": GELU_ERF, "gelu_tanh": GELU_TANH}
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_C = 0.044715
+# Globals read inside @triton.jit must be constexpr: the GPU compiler rejects plain floats
+# (the interpreter does not, which is why tests/kernels/test_sm90_compile.py exists).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit

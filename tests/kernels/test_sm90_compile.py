@@ -1,0 +1,113 @@
+"""Every Triton kernel compiles for the H100 (sm_90) with every GPU autotune config.
+
+The launches are the real ones the ops make (recorded under the interpreter on small
+inputs); Triton's GPU compiler then builds each for sm_90 in a subprocess, no GPU needed.
+Catches what the interpreter cannot: tl.dot layout/dtype rules, bf16 code paths, shared
+memory of the autotune configs. Every config once per kernel; the first kept config for
+the other dtype and flag variants.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastlm
+from tests.kernels.sm90_compile import H100_MAX_SMEM, compile_launches, record, unique
+
+triton = pytest.importorskip("triton")
+_NVIDIA = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(_NVIDIA), reason="triton's bundled ptxas is missing"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile for real"),
+]
+
+
+def _layer_norm(dtype):
+    for n in (768, 16384):
+        x = torch.randn(3, n, dtype=dtype, requires_grad=True)
+        w = torch.randn(n, dtype=dtype, requires_grad=True)
+        y, z = fastlm.layer_norm(x, w, w, residual=x, backend="triton")
+        (y.float().sum() + z.float().sum()).backward()
+    fastlm.layer_norm(torch.randn(2, 384, dtype=dtype), None, None, backend="triton")
+
+
+def _ffn(dtype):
+    x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(96, 64, dtype=dtype, requires_grad=True)
+    b1 = torch.randn(96, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(64, 96, dtype=dtype, requires_grad=True)
+    for approx in ("none", "tanh"):
+        fastlm.linear_gelu(x, w1, b1, approximate=approx, backend="triton").float().sum().backward()
+        out = fastlm.gelu_ffn(
+            x, w1, b1, w2, b1[:64], approximate=approx, residual=x, backend="triton"
+        )
+        out.float().sum().backward()
+
+
+def _attention(dtype):
+    # fp16 walks every head dim and flag; bf16/fp32 only need their dtype paths compiled.
+    head_dims = (64, 128, 80) if dtype == torch.float16 else (64,)
+    for d in head_dims:
+        q = torch.randn(2, 17, 4, d, dtype=dtype, requires_grad=True)
+        kv = torch.randn(2, 17, 2, d, dtype=dtype, requires_grad=True)
+        mask = torch.ones(2, 17, dtype=torch.bool)
+        mask[1, 9:] = False
+        out = fastlm.attention(q, kv, kv, causal=True, key_padding_mask=mask, backend="triton")
+        out.float().sum().backward()
+    if dtype != torch.float16:
+        return
+    q = torch.randn(1, 17, 2, 64, dtype=dtype, requires_grad=True)
+    fastlm.attention(q, q, q, dropout_p=0.1, backend="triton").float().sum().backward()
+    p = torch.randn(20, 2, 64, dtype=dtype, requires_grad=True)
+    cu = torch.tensor([0, 3, 20], dtype=torch.int32)
+    fastlm.attention_varlen(
+        p, p, p, cu, cu, 17, 17, causal=True, backend="triton"
+    ).float().sum().backward()
+
+
+def _decode(dtype):
+    for d, h, hkv in ((64, 4, 4), (128, 8, 2)):
+        q = torch.randn(2, 1, h, d, dtype=dtype)
+        cache = torch.randn(2, 40, hkv, d, dtype=dtype)
+        new = torch.randn(2, 1, hkv, d, dtype=dtype)
+        seqlens = torch.tensor([5, 30], dtype=torch.int32)
+        fastlm.attention_with_kvcache(
+            q, cache, cache.clone(), seqlens, k=new, v=new, backend="triton"
+        )
+
+
+WORKLOADS = {"layer_norm": _layer_norm, "ffn": _ffn, "attention": _attention, "decode": _decode}
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_kernels_compile_for_sm90(workload):
+    launches, swept = [], set()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for launch in unique(record(lambda dtype=dtype: WORKLOADS[workload](dtype))):
+            # Every autotune config once per kernel (its first fp16 launch); the first kept
+            # config for the other variants: enough to cover each code path, CI-sized.
+            launch["all_configs"] = dtype == torch.float16 and launch["kernel"] not in swept
+            swept.add(launch["kernel"])
+            launches.append(launch)
+    assert launches, "the workload launched no Triton kernel"
+    results = compile_launches(unique(launches))
+
+    failed = [r for r in results if not r["ok"] and "OutOfResources" not in r["error"]]
+    assert not failed, "\n\n".join(
+        f"{r['kernel']} [{r['config']}] {r['signature']}\n{r['tb']}" for r in failed
+    )
+    # A config the prune hook keeps must fit an H100 block's shared memory: the autotuner
+    # would otherwise spend a compile on it at every new key and drop it.
+    too_big = [r for r in results if r["kept"] and (not r["ok"] or r["shared"] > H100_MAX_SMEM)]
+    assert not too_big, [(r["kernel"], r["config"], r.get("shared")) for r in too_big]
+    # Every launch keeps at least one config that compiles and fits.
+    kernels = {r["kernel"] for r in results}
+    for k in kernels:
+        assert any(
+            r["ok"] and r["kept"] and r["shared"] <= H100_MAX_SMEM
+            for r in results
+            if r["kernel"] == k
+        ), k
