@@ -160,27 +160,28 @@ def seq_bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def smem_lower_bound(block_n: int, block_d: int, elt: int) -> int:
-    """Shared memory no config can do without: the two [BLOCK_N, BLOCK_D] tiles its dots
-    read from shared memory (K and V in the forward and dk/dv passes). The real figure
-    depends on Triton's pipelining (measured on sm_90 by tests/kernels/test_sm90_compile.py:
-    fp16 hd128 128x128 forward 64 KB, fp32 hd128 128x128 forward 384 KB)."""
-    return 2 * block_n * block_d * elt
+def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elt: int) -> int:
+    """Shared memory of one program as Triton's software pipelining lays it out: a resident
+    [M, D] tile and ``stages`` buffered pairs of [N, D] tiles (K and V, or Q and dO).
+    Checked against the compiler by tests/kernels/test_sm90_compile.py: exact for the
+    forward (fp16 hd128 128x128x3: 224 KB), an upper bound for the backward passes."""
+    return (block_m * block_d + stages * 2 * block_n * block_d) * elt
 
 
-SMEM_LIMIT = 232448  # bytes a block may opt in to on H100 (227 KB)
+SMEM_LIMIT = 232448  # bytes one block may opt in to on H100 (227 KB)
 
 
 def prune_by_smem(configs, named_args, **kwargs):
-    """early_config_prune: drop only the configs that cannot fit in shared memory at this
-    head dim and dtype (always keeping the smallest). A lower bound, not an estimate: a
-    rough estimate dropped configs that fit (fp16 hd128 128x128 needs 64 KB, not the 224 KB
-    a tile count predicts); configs that still overflow are skipped by the autotuner, which
-    treats OutOfResources as an infinitely slow config."""
+    """early_config_prune: drop configs whose tiles overflow an H100 block's shared memory
+    at this head dim and dtype (always keeping the smallest). On GPUs with less (A100: 163
+    KB) the autotuner skips the rest as OutOfResources, an infinitely slow config."""
     args = {**named_args, **kwargs}
     block_d = args["BLOCK_D"]
     elt = 4 if args["Q"].dtype == torch.float32 else 2
-    fits = [c for c in configs if smem_lower_bound(c.kwargs["BLOCK_N"], block_d, elt) <= SMEM_LIMIT]
+    fits = [
+        c for c in configs
+        if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elt) <= SMEM_LIMIT
+    ]  # fmt: skip
     if fits:
         return fits
     return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]

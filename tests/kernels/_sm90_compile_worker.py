@@ -54,6 +54,35 @@ def _variants(launch: dict, all_configs: bool) -> list[tuple[dict, int, int, str
     return out
 
 
+def _resources(cubin: bytes) -> dict:
+    """Registers per thread and local-memory (spill) bytes, read with the cuobjdump that
+    ships inside triton; empty when it is not there."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": (int(stack.group(1)) if stack else 0)
+        + (int(local.group(1)) if local else 0),
+    }
+
+
 def _compile_one(job: tuple[dict, dict, int, int, str]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -67,13 +96,16 @@ def _compile_one(job: tuple[dict, dict, int, int, str]) -> dict:
     result = {"kernel": launch["kernel"], "config": label, "kept": kept, "signature": launch["signature"],
               "constexprs": {k: v for k, v in const.items()}}  # fmt: skip
     try:
-        src = ASTSource(fn=fn, signature=launch["signature"], constexprs=const)
+        attrs = {
+            (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch.get("div16", [])
+        }
+        src = ASTSource(fn=fn, signature=launch["signature"], constexprs=const, attrs=attrs)
         ck = triton.compile(
             src,
             target=GPUTarget("cuda", 90, 32),
             options={"num_warps": warps, "num_stages": stages},
         )
-        result.update(ok=True, shared=int(ck.metadata.shared))
+        result.update(ok=True, shared=int(ck.metadata.shared), **_resources(ck.asm["cubin"]))
     except Exception as exc:  # reported, judged by the test
         result.update(
             ok=False, error=f"{type(exc).__name__}: {exc}"[:2000], tb=traceback.format_exc()[-1500:]

@@ -66,7 +66,7 @@ def record(fn: Callable[[], object]) -> list[dict]:
             for name, p in inspect.signature(self.fn).parameters.items()
             if p.annotation is tl.constexpr or str(p.annotation).endswith("constexpr")
         }
-        sig, const = {}, {}
+        sig, const, div16 = {}, {}, []
         for name in params:
             value = bound.get(name)
             if name in constexpr:
@@ -74,12 +74,19 @@ def record(fn: Callable[[], object]) -> list[dict]:
                 const[name] = value
             else:
                 sig[name] = _arg_type(value)
+                # Triton's JIT specializes 16-byte aligned pointers and ints divisible by 16
+                # (vector loads, cheaper address math): compile with the same facts.
+                if (isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0) or (
+                    isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+                ):
+                    div16.append(name)
         launches.append(
             {
                 "module": self.fn.__module__,
                 "kernel": self.fn.__name__,
                 "signature": sig,
                 "constexprs": const,
+                "div16": div16,
                 "num_warps": kwargs.get("num_warps", 4),
                 "num_stages": kwargs.get("num_stages", 3),
             }

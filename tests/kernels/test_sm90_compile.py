@@ -100,8 +100,13 @@ def test_kernels_compile_for_sm90(workload):
     assert not failed, "\n\n".join(
         f"{r['kernel']} [{r['config']}] {r['signature']}\n{r['tb']}" for r in failed
     )
-    # Every launch keeps at least one config that compiles and fits an H100 block's shared
-    # memory (kept configs that overflow are skipped by the autotuner as OutOfResources).
+    # A config the prune hook keeps must fit an H100 block's shared memory: the autotuner
+    # would otherwise spend a compile on it at every new key and drop it.
+    too_big = [r for r in results if r["kept"] and (not r["ok"] or r["shared"] > H100_MAX_SMEM)]
+    assert not too_big, [
+        (r["kernel"], r["config"], r["signature"].get("Q"), r.get("shared")) for r in too_big
+    ]
+    # And every launch keeps at least one config.
     for launch_sig in {
         json.dumps([r["kernel"], r["signature"], _variant(r)], sort_keys=True) for r in results
     }:
