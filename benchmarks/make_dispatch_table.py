@@ -27,7 +27,9 @@ def _config(row: dict) -> str:
     """What identifies a measurement: every field but the implementation and the measured
     values. Measurements (ms, GB/s, TFLOP/s, ratios to baselines) are floats; identifying
     fields (op, pass, dtype, shape, flags, integer sizes) are not."""
-    ident = {k: v for k, v in row.items() if k != "impl" and not isinstance(v, float) and v is not None}
+    ident = {
+        k: v for k, v in row.items() if k != "impl" and not isinstance(v, float) and v is not None
+    }
     return json.dumps(ident, sort_keys=True, default=str)
 
 
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(table, indent=1))
     if args.write:
         if not table["order"]:
-            raise SystemExit(f"no paired fastlm-triton/fastlm-cuda timings under {pattern}; not writing")
+            raise SystemExit(
+                f"no paired fastlm-triton/fastlm-cuda timings under {pattern}; not writing"
+            )
         with open(args.out, "w") as f:
             json.dump(table, f, indent=1)
         print(f"wrote {args.out}")
