@@ -50,16 +50,20 @@ def cmd_info(_args) -> int:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  FASTLM_BACKEND={os.environ.get('FASTLM_BACKEND', '')!r}"
     )
     print("\nbackends on this device:")
+    reasons = {}
     for b in backends.BACKENDS:
-        reason = backends.device_reason(b, dev)
-        print(f"  {b:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+        if b == "cuda" and dev.type == "cuda":
+            from fastlm import _cuda_ext
+
+            reasons[b] = _cuda_ext.peek_reason()  # info never starts the JIT build
+        else:
+            reasons[b] = backends.device_reason(b, dev)
+        print(f"  {b:<7} {'available' if reasons[b] is None else 'unavailable: ' + reasons[b]}")
     forced = backends.get_backend()
     print("\nops (automatic choice on this device):")
     for op in OPS:
         order = dispatch_table.preferred_order(op) if dev.type == "cuda" else ("torch",)
-        chosen = forced or next(
-            (b for b in order if backends.device_reason(b, dev) is None), "torch"
-        )
+        chosen = forced or next((b for b in order if reasons[b] is None), "torch")
         module = fastlm._LAZY.get(op)
         try:
             importlib.import_module(module)

@@ -168,6 +168,21 @@ def _load() -> tuple[object | None, str | None]:
         return _state
 
 
+def peek_reason() -> str | None:
+    """Like unavailable_reason, but never starts the JIT build: for reports such as
+    ``python -m fastlm info``. A build that has not run yet is described, not attempted."""
+    if _state is not None:
+        return _state[1]
+    if importlib.util.find_spec("fastlm._C") is not None:
+        return None
+    reason = _jit_prerequisites()
+    if reason is not None:
+        return f"the AOT extension fastlm._C is not built; {reason}"
+    return (
+        "not built yet: the JIT build of csrc/ runs on first use of backend='cuda' (minutes, once)"
+    )
+
+
 def unavailable_reason() -> str | None:
     """Why the CUDA backend cannot run at all (None: it is loaded). May trigger the JIT build."""
     return _load()[1]

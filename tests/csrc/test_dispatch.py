@@ -448,3 +448,13 @@ def test_kvcache_cuda_out_of_range_lengths_give_nan(contract_ext):
     out = kv_op._attention_with_kvcache(q, kc, vc, lens, new, new, True, 0.125, 0, "cuda")
     assert torch.isnan(out[:2]).all() and not torch.isnan(out[2]).any()
     torch.testing.assert_close(kc[:2], kc0[:2], rtol=0, atol=0)
+
+
+def test_peek_reason_never_builds(monkeypatch):
+    """`python -m fastlm info` describes the CUDA backend without starting the JIT build."""
+    from fastlm import _cuda_ext
+
+    monkeypatch.setattr(_cuda_ext, "_state", None)
+    monkeypatch.setattr(_cuda_ext, "_jit_build", lambda: pytest.fail("peek_reason started a build"))
+    reason = _cuda_ext.peek_reason()
+    assert reason is not None and "not built" in reason
