@@ -17,7 +17,7 @@ step="${1:-all}"
 
 run_test() {
   nvidia-smi -L 2>&1 | tee "$OUT/nvidia-smi.txt"
-  make -s gpu-test PYTEST_ARGS="-q -p no:logging --durations=20 -x" 2>&1 | tee "$OUT/gpu-test.log"
+  make -s gpu-test PYTEST_ARGS="-q -p no:logging --durations=20" 2>&1 | tee "$OUT/gpu-test.log"
   .venv/bin/python -m fastlm info 2>&1 | tee "$OUT/info.txt"
 }
 
