@@ -106,6 +106,8 @@ def _compile_one(job: tuple[dict, dict, int, int, str]) -> dict:
             options={"num_warps": warps, "num_stages": stages},
         )
         result.update(ok=True, shared=int(ck.metadata.shared), **_resources(ck.asm["cubin"]))
+        # Hopper's warpgroup MMA (the fast path for 16-bit dots) vs the older mma.sync.
+        result["wgmma"] = "wgmma.mma_async" in ck.asm["ptx"]
     except Exception as exc:  # reported, judged by the test
         result.update(
             ok=False, error=f"{type(exc).__name__}: {exc}"[:2000], tb=traceback.format_exc()[-1500:]

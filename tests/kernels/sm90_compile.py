@@ -72,6 +72,11 @@ def record(fn: Callable[[], object]) -> list[dict]:
             if name in constexpr:
                 sig[name] = "constexpr"
                 const[name] = value
+            elif isinstance(value, int) and not isinstance(value, bool) and value == 1:
+                # The JIT turns an int argument equal to 1 into a constant (unit strides:
+                # contiguity the compiler can use for vector loads and pipelining).
+                sig[name] = "constexpr"
+                const[name] = 1
             else:
                 sig[name] = _arg_type(value)
                 # Triton's JIT specializes 16-byte aligned pointers and ints divisible by 16

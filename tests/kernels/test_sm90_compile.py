@@ -3,7 +3,9 @@
 The launches are the real ones the ops make (recorded under the interpreter on small
 inputs); Triton's GPU compiler then builds each for sm_90 in a subprocess, no GPU needed.
 Catches what the interpreter cannot: tl.dot layout/dtype rules, bf16 code paths, shared
-memory of the autotune configs. Every config once per kernel; the first kept config for
+memory of the autotune configs, and 16-bit dots that miss Hopper's wgmma path. Launches
+are compiled with the JIT's own specializations (16-byte alignment, divisibility by 16,
+ints equal to 1 as constants), which decide vectorization and software pipelining. Every config once per kernel; the first kept config for
 the other dtype and flag variants.
 """
 
@@ -121,6 +123,21 @@ def test_kernels_compile_for_sm90(workload):
             sig,
             variant,
         )
+
+    # 16-bit dots run on Hopper's warpgroup MMA (wgmma), not the older mma.sync path.
+    for k in DOT_KERNELS & {r["kernel"] for r in results}:
+        half = [r for r in results if r["kernel"] == k and r["ok"] and _is_16bit(r)]
+        assert not half or all(r["wgmma"] for r in half), (
+            k,
+            [r["config"] for r in half if not r["wgmma"]],
+        )
+
+
+DOT_KERNELS = {"_fused_matmul_kernel", "_attn_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+
+
+def _is_16bit(result: dict) -> bool:
+    return any(t in ("*fp16", "*bf16") for t in result["signature"].values())
 
 
 _TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
