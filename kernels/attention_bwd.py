@@ -35,11 +35,13 @@ from fastlm.kernels.attention_common import (
     head_block,
     kv_block_range,
     layout_strides,
+    load_rows,
     lse_strides,
     prune_by_smem,
     q_block_range,
     seq_bounds,
     seq_bucket,
+    store_rows,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): dk/dv keep BLOCK_N keys resident and stream
@@ -71,19 +73,10 @@ def _bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
-    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     b64 = b.to(tl.int64)
     tok = q_start + offs_m
-    o = tl.load(
-        O + b64 * stride_ob + h * stride_oh + tok[:, None] * stride_os + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b64 * stride_db + h * stride_dh + tok[:, None] * stride_ds + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
+    o = load_rows(O + b64 * stride_ob + h * stride_oh, tok, m_ok, stride_os, offs_d, HEAD_DIM)
+    do = load_rows(DO + b64 * stride_db + h * stride_dh, tok, m_ok, stride_ds, offs_d, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + h * stride_lh + tok, delta, mask=m_ok)
 
@@ -99,14 +92,12 @@ def _dkdv_inner(
     """Query blocks [start, end) of one query head into dk, dv ([BLOCK_N, BLOCK_D] fp32).
     Tiles are transposed: rows are keys, columns queries. Q, DO, LSE, DELTA point at this
     sequence and head; rng_b = (b * H + h) * Sq_rng."""
-    d_ok = offs_d < HEAD_DIM
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < q_len
         tok = offs_m.to(tl.int64)
-        ld = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + tok[:, None] * stride_qs + offs_d[None, :], mask=ld, other=0.0)
-        do = tl.load(DO + tok[:, None] * stride_ds + offs_d[None, :], mask=ld, other=0.0)
+        q = load_rows(Q, tok, m_ok, stride_qs, offs_d, HEAD_DIM)
+        do = load_rows(DO, tok, m_ok, stride_ds, offs_d, HEAD_DIM)
         # Rows past the sequence load lse2 = +inf: their P is exactly 0.
         lse2 = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
@@ -165,18 +156,9 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < k_len
-    ld = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     k_tok = k_start + offs_n
-    k = tl.load(
-        K + b64 * stride_kb + hk * stride_kh + k_tok[:, None] * stride_ks + offs_d[None, :],
-        mask=ld,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b64 * stride_vb + hk * stride_vh + k_tok[:, None] * stride_vs + offs_d[None, :],
-        mask=ld,
-        other=0.0,
-    )
+    k = load_rows(K + b64 * stride_kb + hk * stride_kh, k_tok, n_ok, stride_ks, offs_d, HEAD_DIM)
+    v = load_rows(V + b64 * stride_vb + hk * stride_vh, k_tok, n_ok, stride_vs, offs_d, HEAD_DIM)
     if HAS_MASK:
         attend = tl.load(KPM + b64 * stride_mb + offs_n * stride_mk, mask=n_ok, other=0) != 0
     else:
@@ -203,15 +185,10 @@ def _bwd_dkdv_kernel(
             False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_M, DOT_PRECISION,
         )  # fmt: skip
     dk = dk * softmax_scale
-    tl.store(
-        DK + b64 * stride_dkb + hk * stride_dkh + k_tok[:, None] * stride_dks + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=ld,
-    )
-    tl.store(
-        DV + b64 * stride_dvb + hk * stride_dvh + k_tok[:, None] * stride_dvs + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=ld,
+    dk_base = DK + b64 * stride_dkb + hk * stride_dkh
+    store_rows(dk_base, k_tok, n_ok, stride_dks, offs_d, dk, HEAD_DIM)
+    store_rows(
+        DV + b64 * stride_dvb + hk * stride_dvh, k_tok, n_ok, stride_dvs, offs_d, dv, HEAD_DIM
     )
 
 
@@ -286,18 +263,9 @@ def _bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
-    ld = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     tok = q_start + offs_m
-    q = tl.load(
-        Q + b64 * stride_qb + h * stride_qh + tok[:, None] * stride_qs + offs_d[None, :],
-        mask=ld,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b64 * stride_db + h * stride_dh + tok[:, None] * stride_ds + offs_d[None, :],
-        mask=ld,
-        other=0.0,
-    )
+    q = load_rows(Q + b64 * stride_qb + h * stride_qh, tok, m_ok, stride_qs, offs_d, HEAD_DIM)
+    do = load_rows(DO + b64 * stride_db + h * stride_dh, tok, m_ok, stride_ds, offs_d, HEAD_DIM)
     stat = b64 * stride_lb + h * stride_lh + tok
     lse2 = tl.load(LSE + stat, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + stat, mask=m_ok, other=0.0)
@@ -320,11 +288,7 @@ def _bwd_dq_kernel(
         True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * softmax_scale
-    tl.store(
-        DQ + b64 * stride_dqb + h * stride_dqh + tok[:, None] * stride_dqs + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=ld,
-    )
+    store_rows(DQ + b64 * stride_dqb + h * stride_dqh, tok, m_ok, stride_dqs, offs_d, dq, HEAD_DIM)
 
 
 def attention_bwd(

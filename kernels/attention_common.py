@@ -8,6 +8,8 @@
   is split into two 32-bit words explicitly so the stream is the same on every Triton
   version (tl.rand's handling of int64 offsets changed between releases).
 * ``seq_bounds``: where sequence b starts and how long it is, padded or packed (IS_VARLEN).
+* ``load_rows`` / ``store_rows``: a [rows, head_dim] tile of q, k, v, o or a gradient, masked
+  on the row bounds and the head-dim padding.
 * ``kv_block_range`` / ``q_block_range``: which key blocks a query block must visit (and
   which of them need no causal or bounds mask), and the converse for the dk/dv kernel.
 * launcher helpers: layout strides, the config lists (one config under the interpreter).
@@ -57,6 +59,27 @@ def seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
         k_start = tl.full([], 0, tl.int64)
         k_len = seq_k
     return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def load_rows(base, rows, row_ok, stride_s, offs_d, HEAD_DIM: tl.constexpr):
+    """Tile T[r, d] = base[rows[r] * stride_s + offs_d[d]], shape [len(rows), len(offs_d)];
+    0 where row_ok[r] is False or offs_d[d] >= HEAD_DIM (the padding up to BLOCK_D).
+    base points at the (sequence, head) the rows index; rows int64 for long packed batches."""
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(base + rows[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(base, rows, row_ok, stride_s, offs_d, value, HEAD_DIM: tl.constexpr):
+    """The converse of load_rows: base[rows[r] * stride_s + offs_d[d]] = value[r, d] cast to
+    base's element type, on the rows and head-dim columns that exist."""
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(
+        base + rows[:, None] * stride_s + offs_d[None, :],
+        value.to(base.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit

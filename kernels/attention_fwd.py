@@ -41,10 +41,12 @@ from fastlm.kernels.attention_common import (
     head_block,
     kv_block_range,
     layout_strides,
+    load_rows,
     lse_strides,
     prune_by_smem,
     seq_bounds,
     seq_bucket,
+    store_rows,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on the GPU; pruned by shared memory.
@@ -98,10 +100,7 @@ def _fwd_inner(
                 seed, rng_rows[:, None], offs_n.to(tl.int64)[None, :], seq_k_rng, dropout_p
             )
             p = tl.where(keep, p, 0.0)
-        v = tl.load(
-            V + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )  # fmt: skip
+        v = load_rows(V, offs_n.to(tl.int64), n_ok, stride_vn, offs_d, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -138,13 +137,9 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
-    d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
     q_tok = q_start + offs_m
-    q = tl.load(
-        Q + b64 * stride_qb + h * stride_qh + q_tok[:, None] * stride_qs + offs_d[None, :],
-        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
-    )  # fmt: skip
+    q = load_rows(Q + b64 * stride_qb + h * stride_qh, q_tok, m_ok, stride_qs, offs_d, HEAD_DIM)
     K += b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     V += b64 * stride_vb + k_start * stride_vs + hk * stride_vh
     KPM += b64 * stride_mb
@@ -170,10 +165,7 @@ def _attn_fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
-    tl.store(
-        O + b64 * stride_ob + h * stride_oh + q_tok[:, None] * stride_os + offs_d[None, :],
-        out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
-    )  # fmt: skip
+    store_rows(O + b64 * stride_ob + h * stride_oh, q_tok, m_ok, stride_os, offs_d, out, HEAD_DIM)
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse2, mask=m_ok)
 
