@@ -533,11 +533,19 @@ torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_contex
 # ------------------------------------------------------------------ public API
 
 
-def _common_args(op, causal, softmax_scale, dropout_p, head_dim) -> float:
+def _run(op, q, k, v, kpm, cu_q, cu_k, batch, max_sq, max_sk, causal, softmax_scale, dropout_p, backend):  # fmt: skip
+    """What attention() and attention_varlen() share once their layouts are checked: the
+    scalar arguments, the backend choice, a dropout seed, then the op. Returns out."""
     check_flag(op, "causal", causal)
     check_softmax_scale(op, softmax_scale)
     check_dropout_p(op, dropout_p)
-    return ref.default_scale(head_dim, softmax_scale)
+    scale = ref.default_scale(q.shape[-1], softmax_scale)
+    chosen = backends.choose(op, q.device, backend, limits(op, q, k, v, batch, dropout_p))
+    seed = draw_seed() if dropout_p > 0 else None
+    out, _ = _attention_fwd(
+        q, k, v, kpm, cu_q, cu_k, seed, max_sq, max_sk, causal, scale, float(dropout_p), chosen
+    )
+    return out
 
 
 def attention(
@@ -563,14 +571,10 @@ def attention(
     check_qkv(OP, q, k, v, 4, "(batch, seq, heads, head_dim)")
     if key_padding_mask is not None:
         check_key_padding_mask(OP, key_padding_mask, k.shape[0], k.shape[1], q.device)
-    scale = _common_args(OP, causal, softmax_scale, dropout_p, q.shape[-1])
-    chosen = backends.choose(OP, q.device, backend, limits(OP, q, k, v, q.shape[0], dropout_p))
-    seed = draw_seed() if dropout_p > 0 else None
-    out, _ = _attention_fwd(
-        q, k, v, key_padding_mask, None, None, seed, q.shape[1], k.shape[1],
-        causal, scale, float(dropout_p), chosen,
+    return _run(
+        OP, q, k, v, key_padding_mask, None, None, q.shape[0], q.shape[1], k.shape[1],
+        causal, softmax_scale, dropout_p, backend,
     )  # fmt: skip
-    return out
 
 
 def attention_varlen(
@@ -600,14 +604,7 @@ def attention_varlen(
         OP_VARLEN, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k,
         q.device,
     )  # fmt: skip
-    scale = _common_args(OP_VARLEN, causal, softmax_scale, dropout_p, q.shape[-1])
-    batch = cu_seqlens_q.numel() - 1
-    chosen = backends.choose(
-        OP_VARLEN, q.device, backend, limits(OP_VARLEN, q, k, v, batch, dropout_p)
-    )
-    seed = draw_seed() if dropout_p > 0 else None
-    out, _ = _attention_fwd(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-        causal, scale, float(dropout_p), chosen,
+    return _run(
+        OP_VARLEN, q, k, v, None, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.numel() - 1,
+        max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, backend,
     )  # fmt: skip
-    return out
