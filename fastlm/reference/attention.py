@@ -59,6 +59,24 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t if group == 1 else t.repeat_interleave(group, dim=2)
 
 
+def _masked_scores(
+    q: torch.Tensor,
+    kx: torch.Tensor,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+    ct: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(S, allowed): S = scale * q k^T (B, H, Sq, Sk) in ``ct``, -inf where ``allowed``
+    (broadcastable to S) is False; allowed None when every entry is allowed. kx: k with
+    its kv heads expanded to q's. Shared by the forward and the backward recompute."""
+    s = torch.einsum("bihd,bjhd->bhij", q.to(ct), kx.to(ct)) * scale
+    allowed = allowed_mask(q.shape[1], kx.shape[1], causal, key_padding_mask, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s, allowed
+
+
 def probabilities(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,14 +86,10 @@ def probabilities(
     ct: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, lse): P (B, H, Sq, Sk) in ``ct``, lse (B, H, Sq) in ``ct`` (+inf on empty rows)."""
-    sq, sk = q.shape[1], k.shape[1]
-    kx = _expand_kv(k, q.shape[2])
-    s = torch.einsum("bihd,bjhd->bhij", q.to(ct), kx.to(ct)) * scale
-    allowed = allowed_mask(sq, sk, causal, key_padding_mask, q.device)
+    s, allowed = _masked_scores(q, _expand_kv(k, q.shape[2]), causal, key_padding_mask, scale, ct)
     if allowed is None:
         lse = torch.logsumexp(s, dim=-1)
     else:
-        s = s.masked_fill(~allowed, float("-inf"))
         empty = ~allowed.any(-1).expand(s.shape[:-1])
         # logsumexp over an all -inf row has a NaN gradient: give it a finite row, then
         # +inf so that exp(-inf - (+inf)) = 0 gives P = 0 with no NaN anywhere.
@@ -150,10 +164,7 @@ def attention_backward(
     heads, hkv = q.shape[2], k.shape[2]
     scale = default_scale(q.shape[-1], softmax_scale)
     kx, vx = _expand_kv(k, heads).to(ct), _expand_kv(v, heads).to(ct)
-    s = torch.einsum("bihd,bjhd->bhij", q.to(ct), kx) * scale
-    allowed = allowed_mask(q.shape[1], k.shape[1], causal, key_padding_mask, q.device)
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+    s, _ = _masked_scores(q, kx, causal, key_padding_mask, scale, ct)
     p = torch.exp(s - lse.to(ct)[..., None])
     keep = _dropout_scale(dropout_mask, dropout_p, ct)
     do = dout.to(ct)
