@@ -16,6 +16,7 @@ from fastlm import _cuda_ext, backends, dispatch_table
 from fastlm.backends import BackendUnavailableError
 from fastlm.ops import attention as A
 from fastlm.reference import attention as ref
+from tests.ops.test_attention import _id as case_id
 from tests.ops.test_attention import check_against_reference, grads, make_inputs
 from tests.ops.test_attention_varlen import packed
 
@@ -52,17 +53,8 @@ CASES = [
 ]
 
 
-def _case_id(c):
-    b, sq, sk, h, hkv, d, causal, pad = c
-    return (
-        f"b{b}-q{sq}-k{sk}-h{h}:{hkv}-d{d}"
-        + ("-causal" if causal else "")
-        + ("-pad" if pad else "")
-    )
-
-
 @pytest.mark.parametrize("dtype", LOWP, ids=_ids)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_attention_parity(ext, case, dtype):
     b, sq, sk, h, hkv, d, causal, pad = case
     q, k, v, mask = make_inputs(b, sq, sk, h, hkv, d, dtype, DEV, pad)
