@@ -117,11 +117,15 @@ def test_zero_rows(device):
 @given(
     m=st.integers(1, 9),
     n=st.integers(1, 700),
-    log_scale=st.sampled_from([-3.0, 0.0, 2.0, 4.0]),
+    log_scale=st.sampled_from([-3.0, 0.0, 2.0, 3.5]),
     residual=st.booleans(),
 )
 def test_property_fp16(m, n, log_scale, residual):
-    """Kernel vs reference over random shapes and magnitudes up to ~1e4 (fp16 max is 65504)."""
+    """Kernel vs reference over random shapes and magnitudes up to ~2e4.
+
+    The largest scale is 10^3.5: x + residual ~ N(0.5 s, 2 s^2) stays below ~6.5 s = 2e4 over
+    the ~6000 elements drawn, inside fp16's range (65504). At 10^4 the sum overflows and
+    PyTorch's own fp16 baseline is NaN: the test, not the kernel, would be wrong."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _check("triton", (m, n), torch.float16, device, residual=residual, scale=10.0**log_scale)
 
