@@ -1,17 +1,23 @@
 """Which implementation serves a call.
 
-Three backends:
+Four backends:
 
-* ``triton`` — the fused kernels in ``fastlm.kernels``. Default on CUDA tensors. On CPU
+* ``triton``    — the fused kernels in ``fastlm.kernels``. Default on CUDA tensors. On CPU
   tensors it runs only through the Triton interpreter (``TRITON_INTERPRET=1`` set before
-  ``import triton``); that is how CI exercises the real kernels.
-* ``cuda``   — the hand-written CUDA C++ kernels in ``csrc/`` (``fastlm._C`` or the JIT build).
-* ``torch``  — ``fastlm.reference``: plain PyTorch, fp32 internally. Default on CPU tensors.
+  the kernels are imported); that is how CI exercises the real kernels.
+* ``cuda``      — the hand-written CUDA C++ kernels in ``csrc/`` (``fastlm._C`` or the JIT
+  build).
+* ``torch``     — PyTorch's fastest composite ops (SDPA, F.layer_norm, addmm + gelu), with
+  PyTorch's own autograd. Default on CPU tensors; the fallback on CUDA.
+* ``reference`` — ``fastlm.reference``, the clear fp32/fp64 oracle the tests compare
+  against. Slow; never chosen automatically, only by name (for debugging).
 
 Choice order: the ``backend=`` argument, then :func:`set_backend`, then the
 ``FASTLM_BACKEND`` environment variable, then automatic. A backend chosen explicitly that
 cannot serve a call raises :class:`BackendUnavailableError` naming why; an automatic choice
-falls back to the next backend and logs the reason once.
+falls back to the next backend and logs the reasons once. Each op folder
+(``fastlm/ops/<op>/``) holds one module per backend whose ``reason(call)`` declares all of
+that backend's limits; :func:`choose` only collects them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Hashable, Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -29,11 +37,12 @@ __all__ = [
     "available_backends",
     "choose",
     "device_reason",
+    "forget_decisions",
     "get_backend",
     "set_backend",
 ]
 
-BACKENDS = ("triton", "cuda", "torch")
+BACKENDS = ("triton", "cuda", "torch", "reference")
 _AUTO_NAMES = ("", "auto", "none")
 
 logger = logging.getLogger("fastlm")
@@ -96,9 +105,16 @@ def _triton_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if interpreter_enabled():
-            return None
-        return "tensors are on the CPU and TRITON_INTERPRET=1 was not set before importing triton"
+        if not interpreter_enabled():
+            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set (the Triton interpreter runs kernels on the CPU)"
+        kernels = sys.modules.get("fastlm.kernels")
+        if kernels is not None and not kernels.INTERPRETED_AT_IMPORT:
+            return (
+                "TRITON_INTERPRET=1 was set after fastlm's Triton kernels were imported, so they "
+                "were compiled for a GPU; set it before importing fastlm.kernels (or in the "
+                "environment before starting Python)"
+            )
+        return None
     return f"triton kernels do not run on device type {device.type!r}"
 
 
@@ -112,7 +128,7 @@ def _cuda_reason(device: torch.device) -> str | None:
 
 def device_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` at all (None: it can)."""
-    if backend == "torch":
+    if backend in ("torch", "reference"):
         return None
     if backend == "triton":
         return _triton_reason(device)
@@ -122,7 +138,8 @@ def device_reason(backend: str, device: torch.device) -> str | None:
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU), the
+    ``reference`` oracle included."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -134,6 +151,26 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
+class Call(Protocol):
+    """What :func:`choose` needs of an op's call record (fastlm/ops/<op>/call.py)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def dispatch_key(self) -> Hashable:
+        """Everything the backends' reasons depend on (dtype, shape class, flags,
+        alignment): calls with equal keys get the same backend, decided once."""
+        ...
+
+
+class Backend(Protocol):
+    """One backend of one op (fastlm/ops/<op>/_<backend>.py)."""
+
+    def reason(self, call: Any) -> str | None:
+        """Why this backend cannot serve ``call`` (None: it can). ALL its limits live here."""
+        ...
+
+
 def _automatic_order(op: str, device: torch.device) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("torch",)
@@ -142,40 +179,76 @@ def _automatic_order(op: str, device: torch.device) -> tuple[str, ...]:
     return dispatch_table.preferred_order(op)
 
 
-def choose(
-    op: str,
-    device: torch.device,
-    requested: str | None = None,
-    limits: Mapping[str, str | None] | Callable[[str], str | None] | None = None,
-) -> str:
-    """Pick the backend for one call of ``op`` on ``device``.
+def _reason(op_backends: Mapping[str, Backend], name: str, call: Call) -> str | None:
+    if name not in op_backends:
+        return "this op has no implementation on that backend"
+    return device_reason(name, call.device) or op_backends[name].reason(call)
 
-    ``limits`` gives, per backend, the op-specific reason it cannot serve this call (for
-    example a head_dim it was not compiled for), or None when it can.
-    """
+
+def _decide(op: str, call: Call, op_backends: Mapping[str, Backend], explicit: str | None) -> str:
     where = f"fastlm.{op}"
-    explicit = _normalize(requested, where) if requested is not None else get_backend()
-
-    def reason(b: str) -> str | None:
-        r = device_reason(b, device)
-        if r is None and limits is not None:
-            r = limits(b) if callable(limits) else limits.get(b)
-        return r
-
     if explicit is not None:
-        r = reason(explicit)
+        r = _reason(op_backends, explicit, call)
         if r is not None:
             raise BackendUnavailableError(
                 f"{where}: backend {explicit!r} cannot serve this call: {r}"
             )
         return explicit
-
-    for b in _automatic_order(op, device):
-        r = reason(b)
+    skipped = []
+    for name in _automatic_order(op, call.device):
+        r = _reason(op_backends, name, call)
         if r is None:
-            return b
-        key = (op, b, r)
-        if key not in _logged:
-            _logged.add(key)
-            logger.info("%s: skipping backend %r: %s", where, b, r)
-    return "torch"
+            if skipped and (key := (op, name, tuple(skipped))) not in _logged:
+                _logged.add(key)
+                logger.info(
+                    "%s: using backend %r; skipped %s",
+                    where,
+                    name,
+                    "; ".join(f"{b!r}: {why}" for b, why in skipped),
+                )
+            return name
+        skipped.append((name, r))
+    # The torch backend serves every call; reaching here means an op lacks one.
+    raise BackendUnavailableError(
+        f"{where}: no backend can serve this call: "
+        + "; ".join(f"{b!r}: {why}" for b, why in skipped)
+    )
+
+
+_DECISIONS: dict[Hashable, str] = {}
+_MAX_DECISIONS = 4096
+
+
+def choose(
+    op: str, call: Call, op_backends: Mapping[str, Backend], requested: str | None = None
+) -> str:
+    """The backend that serves ``call`` of ``op``.
+
+    ``op_backends`` maps backend names to the op's backend modules, each with
+    ``reason(call)``. An explicit choice (``requested``, else :func:`set_backend`, else
+    ``FASTLM_BACKEND``) that cannot serve the call raises :class:`BackendUnavailableError`
+    with its reason; an automatic one takes the first backend in the device's order that
+    can, logging the reasons of those it skipped once. The decision is remembered per
+    (op, explicit choice, ``call.dispatch_key()``), so the hot path pays one dict lookup;
+    under torch.compile it is taken at trace time only.
+    """
+    explicit = (
+        _normalize(requested, f"fastlm.{op}") if requested is not None else get_backend()
+    )
+    if torch.compiler.is_compiling():
+        return _decide(op, call, op_backends, explicit)
+    key = (op, explicit, call.dispatch_key())
+    chosen = _DECISIONS.get(key)
+    if chosen is None:
+        chosen = _decide(op, call, op_backends, explicit)
+        if len(_DECISIONS) >= _MAX_DECISIONS:
+            _DECISIONS.clear()
+        _DECISIONS[key] = chosen
+    return chosen
+
+
+def forget_decisions() -> None:
+    """Drop remembered choices (after something they depend on changed: a CUDA extension
+    built or reset, TRITON_INTERPRET toggled in tests)."""
+    _DECISIONS.clear()
+    _logged.clear()

@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
 from fastlm.kernels.attention_common import LOG2E
+from fastlm.kernels.limits import DECODE_MAX_HEAD_DIM
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = DECODE_MAX_HEAD_DIM
 MAX_SPLITS = 128
 
 

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 from fastlm.kernels._launch import next_pow2, num_programs_hint
+from fastlm.kernels.limits import LAYER_NORM_MAX_N
 
-MAX_N = 16384
+MAX_N = LAYER_NORM_MAX_N
 
 
 @triton.jit

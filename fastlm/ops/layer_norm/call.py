@@ -1,0 +1,72 @@
+"""The record of one fastlm.layer_norm call, and every check of its arguments.
+
+Validation happens once, here, before any backend is chosen: type, dtype, device, shapes,
+strides and eps. Backends then only state their own limits (``reason(call)`` in
+``_<backend>.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlm.ops import _checks as C
+
+OP = "layer_norm"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNormCall:
+    """x (..., N); weight, bias (N,) or None; residual like x or None."""
+
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    eps: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[-1]
+
+    def dispatch_key(self) -> tuple:
+        return (self.x.device, self.x.dtype, self.n, self.residual is not None)
+
+    @classmethod
+    def checked(cls, x, weight, bias, eps, residual) -> LayerNormCall:
+        """Validate the public arguments (ValueError/TypeError naming what was expected and
+        what was given) and build the record."""
+        C.check_tensor(OP, "x", x)
+        C.check_float(OP, "x", x)
+        if x.dim() < 1:
+            raise ValueError(f"fastlm.{OP}: x must have at least 1 dimension, got a 0-d tensor")
+        n = x.shape[-1]
+        if n == 0:
+            raise ValueError(
+                f"fastlm.{OP}: the normalized (last) dimension of x is empty, shape {tuple(x.shape)}"
+            )
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                C.check_tensor(OP, name, t)
+                C.check_float(OP, name, t)
+                C.check_shape(OP, name, t, (n,))
+        if residual is not None:
+            C.check_tensor(OP, "residual", residual)
+            if residual.shape != x.shape:
+                raise ValueError(
+                    f"fastlm.{OP}: residual must have the shape of x {tuple(x.shape)}, got "
+                    f"{tuple(residual.shape)}"
+                )
+        C.check_same_device(OP, "x", x, weight=weight, bias=bias, residual=residual)
+        C.check_same_dtype(OP, "x", x, residual=residual)
+        for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                C.check_last_dim_contiguous(OP, name, t)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"fastlm.{OP}: eps must be a non-negative float, got {eps!r}")
+        return cls(x, weight, bias, residual, float(eps))
