@@ -90,3 +90,47 @@ def unit_stride_last(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1:
         return t
     return t.contiguous()
+
+
+# ------------------------------------------------------------------ attention-family checks
+# Shared by fastlm.attention, fastlm.attention_varlen and fastlm.attention_with_kvcache, so
+# the three accept and reject exactly the same scalars.
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    """The softmax scale when the caller gives none: 1 / sqrt(head_dim) (the one definition)."""
+    return head_dim**-0.5
+
+
+def check_flag(op: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"fastlm.{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_softmax_scale(op: str, softmax_scale: object) -> None:
+    """None (the default scale) or a positive finite number."""
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(
+            f"fastlm.{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}"
+        )
+    if not 0 < softmax_scale < float("inf"):
+        raise ValueError(
+            f"fastlm.{op}: softmax_scale must be positive and finite, got {softmax_scale!r}"
+        )
+
+
+def check_gqa(op: str, heads: int, kv_heads: int) -> None:
+    """Query heads must be a multiple of the kv heads (MHA, GQA, MQA)."""
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(
+            f"fastlm.{op}: the number of query heads ({heads}) must be a multiple of the number "
+            f"of key/value heads ({kv_heads})"
+        )
+
+
+def check_head_dim(op: str, head_dim: int) -> None:
+    """Any backend: a non-empty head dim (kernel limits are the backends' reasons)."""
+    if head_dim < 1:
+        raise ValueError(f"fastlm.{op}: head_dim must be at least 1, got {head_dim}")
