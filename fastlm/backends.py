@@ -232,9 +232,7 @@ def choose(
     (op, explicit choice, ``call.dispatch_key()``), so the hot path pays one dict lookup;
     under torch.compile it is taken at trace time only.
     """
-    explicit = (
-        _normalize(requested, f"fastlm.{op}") if requested is not None else get_backend()
-    )
+    explicit = _normalize(requested, f"fastlm.{op}") if requested is not None else get_backend()
     if torch.compiler.is_compiling():
         return _decide(op, call, op_backends, explicit)
     key = (op, explicit, call.dispatch_key())

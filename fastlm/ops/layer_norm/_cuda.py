@@ -9,7 +9,9 @@ def reason(call) -> str | None:
     if call.device.type != "cuda":
         return f"the CUDA C++ kernels need CUDA tensors, got device {call.device.type!r}"
     if call.n > _cuda_ext.LAYER_NORM_MAX_N:
-        return f"hidden size {call.n} exceeds the CUDA kernel's limit of {_cuda_ext.LAYER_NORM_MAX_N}"
+        return (
+            f"hidden size {call.n} exceeds the CUDA kernel's limit of {_cuda_ext.LAYER_NORM_MAX_N}"
+        )
     return _cuda_ext.unavailable_reason()
 
 
