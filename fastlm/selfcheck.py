@@ -8,28 +8,12 @@ fp64 reference, with PyTorch in the input dtype as the baseline.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from fastlm import backends
 from fastlm.parity import judge
-
-Args = dict[str, object]
-
-
-@dataclass
-class Check:
-    op: str
-    make: Callable[[torch.dtype, torch.device], Args]
-    run: Callable[..., object]  # run(backend, **args)
-    oracle: Callable[..., object]  # oracle(**args) on fp64 copies
-    lowp: Callable[..., object]  # PyTorch in the input dtype
-    module: str  # the op's module; the check is skipped when it is absent
-    differentiable: bool = True
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    grad_args: tuple[str, ...] = field(default=())
+from fastlm.selfcheck_ops import CHECKS, Args, Check
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -81,12 +65,6 @@ def run_check(check: Check, backend: str, dtype: torch.dtype, device: torch.devi
         yield name, judge(a, o, b)
 
 
-def _checks() -> list[Check]:
-    from fastlm import selfcheck_ops
-
-    return selfcheck_ops.CHECKS
-
-
 def main(device: torch.device | None = None, ops: list[str] | None = None) -> int:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
@@ -94,7 +72,7 @@ def main(device: torch.device | None = None, ops: list[str] | None = None) -> in
     )
     print(f"{'op':<24}{'backend':<8}{'dtype':<10}{'result':<7}worst")
     failures = 0
-    checks = _checks()
+    checks = CHECKS
     unknown = set(ops or ()) - {c.op for c in checks}
     if unknown:
         print(f"unknown op(s) {sorted(unknown)}; known: {[c.op for c in checks]}")
