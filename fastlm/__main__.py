@@ -8,14 +8,10 @@ import os
 import platform
 import sys
 
-OPS = [
-    "layer_norm",
-    "linear_gelu",
-    "gelu_ffn",
-    "attention",
-    "attention_varlen",
-    "attention_with_kvcache",
-]
+from fastlm import __version__
+from fastlm.selfcheck_ops import CHECKS
+
+OPS = {check.op: check.module for check in CHECKS}  # public op -> the module that defines it
 
 
 def _device():
@@ -34,13 +30,10 @@ def _version(mod: str) -> str:
 def cmd_info(_args) -> int:
     import torch
 
-    import fastlm
     from fastlm import backends, dispatch_table
 
     dev = _device()
-    print(
-        f"fastlm {fastlm.__version__}  python {platform.python_version()}  torch {torch.__version__}"
-    )
+    print(f"fastlm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(
         f"triton {_version('triton')}  transformers {_version('transformers')}  CUDA {torch.version.cuda}"
     )
@@ -61,10 +54,9 @@ def cmd_info(_args) -> int:
         print(f"  {b:<7} {'available' if reasons[b] is None else 'unavailable: ' + reasons[b]}")
     forced = backends.get_backend()
     print("\nops (automatic choice on this device):")
-    for op in OPS:
+    for op, module in OPS.items():
         order = dispatch_table.preferred_order(op) if dev.type == "cuda" else ("torch",)
         chosen = forced or next((b for b in order if reasons[b] is None), "torch")
-        module = fastlm._LAZY.get(op)
         try:
             importlib.import_module(module)
             present = ""
@@ -84,12 +76,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from benchmarks import run_all
-    except ModuleNotFoundError:
-        print("the benchmarks live in the fastlm repository (benchmarks/); run `make bench` there")
-        return 1
-    return run_all.main(args.rest)
+    from fastlm import bench
+
+    return bench.main(args.rest)
 
 
 def cmd_demo(args) -> int:
@@ -105,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="run every op against the reference and print max errors")
     check.add_argument("ops", nargs="*", help="only these ops (default: all)")
     for name, text in (
-        ("bench", "kernel and model benchmarks (GPU)"),
+        ("bench", "time each public op against its PyTorch equivalent (median of repeats)"),
         ("demo", "MiniLM BERT and GPT-2 vs Hugging Face"),
     ):
         p = sub.add_parser(name, help=text)

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from fastlm.integrations.hf import require_transformers
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Fused kernels keep activations in registers instead of memory.",
@@ -143,6 +145,11 @@ def run_demo(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--backend", default=None, help="force a fastlm backend (torch, triton, cuda)")
     args = p.parse_args(argv or [])
+    try:
+        require_transformers("`fastlm demo` (it runs the models next to transformers)")
+    except ModuleNotFoundError as exc:
+        print(exc)
+        return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     gpu = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""The numerical parity rule of DESIGN.md, shared by the tests and ``python -m fastlm check``.
+"""The numerical parity rule (see ARCHITECTURE.md), shared by the tests and ``python -m fastlm check``.
 
 * fp32 results: torch.testing.assert_close defaults (rtol 1.3e-6, atol 1e-5) against a
   high-precision oracle.

@@ -8,28 +8,12 @@ fp64 reference, with PyTorch in the input dtype as the baseline.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from fastlm import backends
 from fastlm.parity import judge
-
-Args = dict[str, object]
-
-
-@dataclass
-class Check:
-    op: str
-    make: Callable[[torch.dtype, torch.device], Args]
-    run: Callable[..., object]  # run(backend, **args)
-    oracle: Callable[..., object]  # oracle(**args) on fp64 copies
-    lowp: Callable[..., object]  # PyTorch in the input dtype
-    module: str  # the op's module; the check is skipped when it is absent
-    differentiable: bool = True
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    grad_args: tuple[str, ...] = field(default=())
+from fastlm.selfcheck_ops import CHECKS, Args, Check
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
@@ -81,10 +65,8 @@ def run_check(check: Check, backend: str, dtype: torch.dtype, device: torch.devi
         yield name, judge(a, o, b)
 
 
-def _checks() -> list[Check]:
-    from fastlm import selfcheck_ops
-
-    return selfcheck_ops.CHECKS
+def _row(op: str, backend: str, dtype: str, result: str, text: str) -> None:
+    print(f"{op:<24}{backend:<11}{dtype:<10}{result:<7}{text}")
 
 
 def main(device: torch.device | None = None, ops: list[str] | None = None) -> int:
@@ -92,9 +74,9 @@ def main(device: torch.device | None = None, ops: list[str] | None = None) -> in
     print(
         f"fastlm check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})"
     )
-    print(f"{'op':<24}{'backend':<8}{'dtype':<10}{'result':<7}worst")
+    _row("op", "backend", "dtype", "result", "worst")
     failures = 0
-    checks = _checks()
+    checks = CHECKS
     unknown = set(ops or ()) - {c.op for c in checks}
     if unknown:
         print(f"unknown op(s) {sorted(unknown)}; known: {[c.op for c in checks]}")
@@ -105,26 +87,28 @@ def main(device: torch.device | None = None, ops: list[str] | None = None) -> in
         try:
             importlib.import_module(check.module)
         except ModuleNotFoundError:
-            print(f"{check.op:<24}{'-':<8}{'-':<10}{'skip':<7}op not built yet")
+            _row(check.op, "-", "-", "skip", "op not built yet")
             continue
         for backend in backends.BACKENDS:
             if (reason := backends.device_reason(backend, device)) is not None:
-                print(f"{check.op:<24}{backend:<8}{'-':<10}{'skip':<7}{reason}")
+                _row(check.op, backend, "-", "skip", reason)
                 continue
             for dtype in check.dtypes:
                 dname = str(dtype).replace("torch.", "")
                 if dtype == torch.bfloat16 and device.type == "cpu" and backend == "triton":
-                    print(
-                        f"{check.op:<24}{backend:<8}{dname:<10}{'skip':<7}bf16 is wrong under the Triton interpreter"
+                    _row(
+                        check.op,
+                        backend,
+                        dname,
+                        "skip",
+                        "bf16 is wrong under the Triton interpreter",
                     )
                     continue
                 try:
                     verdicts = list(run_check(check, backend, dtype, device))
                 except Exception as exc:  # report, keep checking the rest
                     failures += 1
-                    print(
-                        f"{check.op:<24}{backend:<8}{dname:<10}{'ERROR':<7}{type(exc).__name__}: {exc}"
-                    )
+                    _row(check.op, backend, dname, "ERROR", f"{type(exc).__name__}: {exc}")
                     continue
                 bad = [(n, v) for n, v in verdicts if not v.ok]
                 worst_name, worst = max(
@@ -133,8 +117,6 @@ def main(device: torch.device | None = None, ops: list[str] | None = None) -> in
                 shown = bad[0] if bad else (worst_name, worst)
                 failures += bool(bad)
                 status = "FAIL" if bad else "pass"
-                print(
-                    f"{check.op:<24}{backend:<8}{dname:<10}{status:<7}{shown[0]}: {shown[1].detail}"
-                )
+                _row(check.op, backend, dname, status, f"{shown[0]}: {shown[1].detail}")
     print("all checks passed" if failures == 0 else f"{failures} check(s) failed")
     return 1 if failures else 0

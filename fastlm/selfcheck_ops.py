@@ -1,13 +1,36 @@
-"""The op checks run by ``python -m fastlm check`` (see fastlm/selfcheck.py)."""
+"""The op checks run by ``python -m fastlm check``: what each check is (:class:`Check`) and
+the table of them (:data:`CHECKS`). The runner, fastlm/selfcheck.py, imports this module;
+nothing here imports it back.
+"""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from fastlm.selfcheck import Check
+Args = dict[str, object]
+
+
+@dataclass
+class Check:
+    """One public op's check: ``make(dtype, device)`` builds its inputs, ``run(backend,
+    **inputs)`` calls the op, ``oracle(**inputs)`` is the high-precision answer (run on fp64
+    copies) and ``lowp(**inputs)`` PyTorch's own op in the input dtype, the parity rule's
+    baseline (and what ``python -m fastlm bench`` times fastlm against)."""
+
+    op: str
+    make: Callable[[torch.dtype, torch.device], Args]
+    run: Callable[..., object]  # run(backend, **args)
+    oracle: Callable[..., object]  # oracle(**args) on fp64 copies
+    lowp: Callable[..., object]  # PyTorch in the input dtype
+    module: str  # the op's module; the check is skipped when it is absent
+    differentiable: bool = True
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    grad_args: tuple[str, ...] = field(default=())
 
 
 def _ln_make(dtype, device):
@@ -119,13 +142,32 @@ def _attn_run(backend, q, k, v, key_padding_mask):
     return attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=backend)
 
 
-def _attn_ref(upcast):
-    def run(q, k, v, key_padding_mask):
-        from fastlm.reference.attention import attention
+def _attn_oracle(q, k, v, key_padding_mask):
+    from fastlm.reference.attention import attention
 
-        return attention(q, k, v, True, key_padding_mask, upcast=upcast)
+    return attention(q, k, v, True, key_padding_mask, upcast=True)
 
-    return run
+
+def _sdpa(q, k, v, causal, key_padding_mask=None):
+    """PyTorch's own attention (F.scaled_dot_product_attention) on (B, S, H, D) tensors, with
+    fastlm's conventions: causal aligned bottom-right (query i sees keys j <= i + Sk - Sq),
+    key_padding_mask (B, Sk) True = attend, GQA by repeating the kv heads."""
+    sq, sk = q.shape[1], k.shape[1]
+    mask = None
+    if causal:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _attn_lowp(q, k, v, key_padding_mask):
+    return _sdpa(q, k, v, True, key_padding_mask)
 
 
 _CU = (0, 1, 30, 77)
@@ -151,14 +193,16 @@ def _varlen_run(backend, q, k, v):
     return attention_varlen(q, k, v, cu, cu, longest, longest, causal=False, backend=backend)
 
 
-def _varlen_ref(upcast):
-    def run(q, k, v):
-        from fastlm.reference.attention import attention_varlen
+def _varlen_oracle(q, k, v):
+    from fastlm.reference.attention import attention_varlen
 
-        cu = _cu(q.device)
-        return attention_varlen(q, k, v, cu, cu, False, upcast=upcast)
+    cu = _cu(q.device)
+    return attention_varlen(q, k, v, cu, cu, False, upcast=True)
 
-    return run
+
+def _varlen_lowp(q, k, v):
+    segments = [slice(a, b) for a, b in itertools.pairwise(_CU)]
+    return torch.cat([_sdpa(q[None, s], k[None, s], v[None, s], False)[0] for s in segments])
 
 
 def _kv_make(dtype, device):
@@ -181,19 +225,26 @@ def _kv_run(backend, q, k_cache, v_cache, k, v, cache_seqlens):
     )
 
 
-def _kv_ref(upcast):
-    def run(q, k_cache, v_cache, k, v, cache_seqlens):
-        from fastlm.reference.attention import attention
+def _kv_per_sequence(attend):
+    """Attention of each sequence's new tokens over its valid cache prefix plus themselves,
+    by ``attend(q, k, v)`` (causal, bottom-right) one sequence at a time."""
 
+    def run(q, k_cache, v_cache, k, v, cache_seqlens):
         outs = []
-        for b in range(q.shape[0]):  # full attention over the valid prefix plus the new tokens
+        for b in range(q.shape[0]):
             n = int(cache_seqlens[b])
             kk = torch.cat([k_cache[b : b + 1, :n], k[b : b + 1]], 1)
             vv = torch.cat([v_cache[b : b + 1, :n], v[b : b + 1]], 1)
-            outs.append(attention(q[b : b + 1], kk, vv, True, upcast=upcast))
+            outs.append(attend(q[b : b + 1], kk, vv))
         return torch.cat(outs, 0)
 
     return run
+
+
+def _kv_oracle(q, k, v):
+    from fastlm.reference.attention import attention
+
+    return attention(q, k, v, True, upcast=True)
 
 
 CHECKS += [
@@ -219,8 +270,8 @@ CHECKS += [
         "attention",
         _attn_make,
         _attn_run,
-        _attn_ref(True),
-        _attn_ref(False),
+        _attn_oracle,
+        _attn_lowp,
         "fastlm.ops.attention",
         grad_args=("q", "k", "v"),
     ),
@@ -228,8 +279,8 @@ CHECKS += [
         "attention_varlen",
         _varlen_make,
         _varlen_run,
-        _varlen_ref(True),
-        _varlen_ref(False),
+        _varlen_oracle,
+        _varlen_lowp,
         "fastlm.ops.attention",
         grad_args=("q", "k", "v"),
     ),
@@ -237,8 +288,8 @@ CHECKS += [
         "attention_with_kvcache",
         _kv_make,
         _kv_run,
-        _kv_ref(True),
-        _kv_ref(False),
+        _kv_per_sequence(_kv_oracle),
+        _kv_per_sequence(lambda q, k, v: _sdpa(q, k, v, True)),
         "fastlm.ops.attention_kvcache",
         differentiable=False,
     ),

@@ -1,7 +1,14 @@
-"""The wheel installs kernels/ as fastlm.kernels (never a top-level `kernels`) and ships csrc/
-for the JIT build; building it needs no torch (setup.py imports torch only for the CUDA build)."""
+"""The wheel: kernels/ installs as fastlm.kernels (never a top-level `kernels`), csrc/ ships
+for the JIT build, dispatch_table.json and the license ship, and the metadata declares what
+the code imports (torch only; transformers/safetensors in the ``hf`` extra; no triton, which
+a CPU install never runs and torch's CUDA wheels bring in the version they were built with).
+Building it needs no torch (setup.py imports torch only for the CUDA build)."""
 
+import ast
+import email
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,47 +16,111 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_SOURCES = ("fastlm", "kernels")  # what installs as the fastlm package
+NOT_SOURCE = shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__")
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory):
+def wheel(tmp_path_factory):
+    """(file names, parsed METADATA) of a wheel built from a copy of the repository that has a
+    fastlm/dispatch_table.json (the repository may not have one yet)."""
+    src = tmp_path_factory.mktemp("src") / "fastlm-src"
+    shutil.copytree(ROOT, src, ignore=NOT_SOURCE)
+    table = src / "fastlm" / "dispatch_table.json"
+    if not table.exists():
+        table.write_text(json.dumps({"order": {"layer_norm": ["triton", "cuda"]}}))
     out = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k != "FASTLM_BUILD_CUDA"}
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            ROOT,
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
-    with zipfile.ZipFile(out / wheel) as zf:
-        return zf.namelist()
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    (name,) = [f for f in os.listdir(out) if f.endswith(".whl")]
+    with zipfile.ZipFile(out / name) as zf:
+        names = zf.namelist()
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        return names, email.message_from_bytes(zf.read(meta))
 
 
-def test_kernels_install_inside_the_package(wheel_names):
-    assert "fastlm/kernels/layer_norm.py" in wheel_names
-    assert "fastlm/kernels/__init__.py" in wheel_names
-    assert not any(n.startswith("kernels/") for n in wheel_names)
+def test_kernels_install_inside_the_package(wheel):
+    names, _ = wheel
+    assert "fastlm/kernels/layer_norm.py" in names
+    assert "fastlm/kernels/__init__.py" in names
+    assert not any(n.startswith("kernels/") for n in names)
 
 
-def test_csrc_ships_for_the_jit_build(wheel_names):
-    cu = [n for n in wheel_names if n.startswith("fastlm/csrc/") and n.endswith(".cu")]
+def test_csrc_ships_for_the_jit_build(wheel):
+    cu = [n for n in wheel[0] if n.startswith("fastlm/csrc/") and n.endswith(".cu")]
     assert cu, "no CUDA sources in the wheel"
 
 
-def test_no_tests_or_benchmarks_in_the_wheel(wheel_names):
-    assert not any(n.startswith(("tests/", "benchmarks/")) for n in wheel_names)
+def test_dispatch_table_and_license_ship(wheel):
+    names, meta = wheel
+    assert "fastlm/dispatch_table.json" in names
+    assert any(n.endswith(".dist-info/LICENSE") or "/licenses/LICENSE" in n for n in names)
+    assert "Apache-2.0" in (meta.get("License-Expression") or meta.get("License") or "")
+
+
+def test_no_tests_or_benchmarks_in_the_wheel(wheel):
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in wheel[0])
+
+
+def _requirements(meta) -> dict[str, set[str]]:
+    """{extra or "": {distribution names}} from Requires-Dist lines."""
+    out: dict[str, set[str]] = {}
+    for line in meta.get_all("Requires-Dist") or []:
+        req, _, marker = line.partition(";")
+        name = req.split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().lower()
+        extra = marker.split("extra ==")[1].strip().strip("'\"") if "extra ==" in marker else ""
+        out.setdefault(extra, set()).add(name)
+    return out
+
+
+def test_metadata_dependencies(wheel):
+    reqs = _requirements(wheel[1])
+    assert reqs[""] == {"torch"}  # no triton, no numpy for a CPU-only install
+    assert reqs["hf"] == {"transformers", "safetensors"}
+    assert "triton" in reqs["test"]  # CI runs the kernels through the interpreter
+
+
+def _third_party_imports() -> set[str]:
+    """Top-level names of every non-stdlib module imported anywhere in the package sources."""
+    names = set()
+    for top in PACKAGE_SOURCES:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                with open(os.path.join(dirpath, f)) as source:
+                    tree = ast.parse(source.read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        names.update(a.name.split(".")[0] for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"fastlm"}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_every_import_is_declared():
+    project = _pyproject()["project"]
+    declared = {
+        d.split("[")[0].split(">")[0].split("=")[0].strip() for d in project["dependencies"]
+    }
+    for extra in project["optional-dependencies"].values():
+        declared |= {d.split("[")[0].split(">")[0].split("=")[0].strip() for d in extra}
+    declared = {d.replace("-", "_") for d in declared}
+    assert _third_party_imports() <= declared, _third_party_imports() - declared
+
+
+def test_build_requirements_have_wheel():
+    requires = _pyproject()["build-system"]["requires"]
+    assert "wheel" in requires  # `pip wheel --no-build-isolation` needs it
 
 
 def test_plain_build_does_not_import_torch():
@@ -59,3 +130,57 @@ def test_plain_build_does_not_import_torch():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def _run_without(blocked: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``import <blocked>`` fails, as on an install
+    without that package."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLM_BACKEND")}
+    prelude = f"import sys; sys.modules[{blocked!r}] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+
+
+def test_cpu_install_runs_every_op_without_triton():
+    code = """
+import torch
+import fastlm
+from fastlm import backends
+assert 'not importable' in backends.device_reason('triton', torch.device('cpu'))
+x, w = torch.randn(4, 32), torch.randn(32)
+fastlm.layer_norm(x, w, w, 1e-5)
+w1, w2 = torch.randn(64, 32), torch.randn(32, 64)
+fastlm.linear_gelu(x, w1, None)
+fastlm.gelu_ffn(x, w1, None, w2, None)
+q = torch.randn(2, 5, 2, 16)
+fastlm.attention(q, q, q, causal=True)
+cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+fastlm.attention_varlen(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu, cu, 7, 7)
+cache = torch.zeros(2, 8, 2, 16)
+fastlm.attention_with_kvcache(q[:, :1], cache, cache.clone(), torch.tensor([3, 0], dtype=torch.int32))
+import fastlm.__main__ as cli
+assert cli.main(['info']) == 0
+print('ok')
+"""
+    out = _run_without("triton", code)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_without_transformers_the_hf_features_say_what_to_install():
+    code = """
+import fastlm.__main__ as cli
+assert cli.main(['demo']) == 1
+try:
+    fastlm_optimize = __import__('fastlm').optimize
+except ModuleNotFoundError as exc:
+    print('optimize:', exc)
+"""
+    out = _run_without("transformers", code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "`fastlm demo` (it runs the models next to transformers) needs the transformers package"
+        in out.stdout
+    )
+    assert "optimize: fastlm.optimize needs the transformers package" in out.stdout
+    assert "pip install 'fastlm[hf]'" in out.stdout

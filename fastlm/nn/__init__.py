@@ -1,6 +1,7 @@
-"""nn.Modules over the fused ops."""
+"""nn.Modules over the fused ops: what fastlm.models and fastlm.optimize build on."""
 
+from fastlm.nn.attention import SelfAttention
 from fastlm.nn.ffn import GeluFFN
 from fastlm.nn.layer_norm import LayerNorm
 
-__all__ = ["GeluFFN", "LayerNorm"]
+__all__ = ["GeluFFN", "LayerNorm", "SelfAttention"]

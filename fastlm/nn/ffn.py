@@ -5,19 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastlm.nn._projection import weight_and_bias
 from fastlm.ops.ffn import APPROXIMATIONS, gelu_ffn
-
-
-def _weight_and_bias(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight as (out, in), bias) of an nn.Linear or a Hugging Face Conv1D (GPT-2), whose
-    weight is stored (in, out): its transpose is a strided view, read in place by the kernel."""
-    if isinstance(module, nn.Linear):
-        return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t(), module.bias
-    raise TypeError(
-        f"fastlm.nn.GeluFFN: {name} must be a torch.nn.Linear or a transformers Conv1D, got {type(module).__name__}"
-    )
 
 
 class GeluFFN(nn.Module):
@@ -33,6 +22,8 @@ class GeluFFN(nn.Module):
     epilogue (BERT's ``output.dense(h) + input_tensor`` before its LayerNorm).
     """
 
+    backend: str | None = None  # None: automatic choice (fastlm.backends)
+
     def __init__(self, hidden: int, intermediate: int, approximate: str = "none", bias: bool = True,
                  device=None, dtype=None, *, backend: str | None = None):  # fmt: skip
         super().__init__()
@@ -46,8 +37,8 @@ class GeluFFN(nn.Module):
                      backend: str | None = None) -> GeluFFN:  # fmt: skip
         """A GeluFFN over existing layers (nn.Linear or transformers Conv1D), sharing their
         parameters (no copy): training either updates both."""
-        w1, _ = _weight_and_bias(fc1, "fc1")
-        w2, _ = _weight_and_bias(fc2, "fc2")
+        w1, _ = weight_and_bias(fc1, "GeluFFN", "fc1")
+        w2, _ = weight_and_bias(fc2, "GeluFFN", "fc2")
         if w2.shape[1] != w1.shape[0]:
             raise ValueError(
                 f"fastlm.nn.GeluFFN: fc2 takes {w2.shape[1]} input features but fc1 gives {w1.shape[0]}"
@@ -61,8 +52,8 @@ class GeluFFN(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        w1, b1 = _weight_and_bias(self.fc1, "fc1")
-        w2, b2 = _weight_and_bias(self.fc2, "fc2")
+        w1, b1 = weight_and_bias(self.fc1, "GeluFFN", "fc1")
+        w2, b2 = weight_and_bias(self.fc2, "GeluFFN", "fc2")
         return gelu_ffn(
             x, w1, b1, w2, b2, approximate=self.approximate, residual=residual, backend=self.backend
         )

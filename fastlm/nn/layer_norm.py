@@ -14,6 +14,8 @@ class LayerNorm(nn.LayerNorm):
     ``(LN(x + r), x + r)`` in one pass, the pre-LN block's residual step.
     """
 
+    backend: str | None = None  # None: automatic choice (fastlm.backends)
+
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: str | None = None):  # fmt: skip
         super().__init__(
@@ -45,6 +47,12 @@ class LayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        # Without affine parameters the op has nothing to compare the width with.
+        if x.shape[-1:] != self.normalized_shape:
+            raise ValueError(
+                f"fastlm.nn.LayerNorm: normalized_shape is {tuple(self.normalized_shape)} but the "
+                f"input's last dimension is {x.shape[-1:][0] if x.dim() else 'missing (0-d input)'}"
+            )
         return layer_norm(
             x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend
         )

@@ -8,7 +8,8 @@ tokens of sequence b are packed[cu_seqlens[b]:cu_seqlens[b + 1]] (the layout of
 fastlm.attention_varlen). Both directions are plain torch gathers/scatters (memory moves)
 and differentiable: the gradient of a gather is a scatter and vice versa.
 
-torch.compile: pad_input traces into one graph. unpad_input has a data-dependent output
+torch.compile: pad_input traces into one graph (its index range check becomes a device-side
+assert there). unpad_input has a data-dependent output
 size (the number of tokens) and returns max_seqlen as a python int, so a full graph needs
 ``torch._dynamo.config.capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs``.
 """
@@ -60,6 +61,25 @@ def unpad_input(
     return packed, indices, cu_seqlens, max_seqlen
 
 
+def _check_index_range(op: str, indices: torch.Tensor, slots: int) -> None:
+    """Every index must name a slot: 0 <= i < batch * seqlen. A negative index would be taken
+    from the end (torch indexing) and land on a wrong token without any error.
+
+    Eager CPU tensors: checked now, ValueError (reading the values is free). Other devices
+    and torch.compile: reading them would be a host sync per call (or a graph break), so the
+    check runs on the device instead (``torch._assert_async``): a bad index fails with a
+    device-side assert at the next synchronizing call.
+    """
+    in_range = (indices >= 0) & (indices < slots)
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(in_range.all(), f"fastlm.{op}: indices outside [0, batch * seqlen)")
+    elif not bool(in_range.all()):
+        bad = indices[~in_range][0].item()
+        raise ValueError(
+            f"fastlm.{op}: indices must lie in [0, batch * seqlen = {slots}), got {bad}"
+        )
+
+
 def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of unpad_input: scatter packed (total, ...) rows to flat positions ``indices``
     of a zero (batch, seqlen, ...) tensor. Differentiable w.r.t. ``packed``."""
@@ -77,8 +97,7 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
     for name, n in (("batch", batch), ("seqlen", seqlen)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"fastlm.{op}: {name} must be a non-negative int, got {n!r}")
-    # Out-of-range indices are not checked here (that needs a host sync); index_put raises
-    # on CPU and asserts on the device for them, never writes elsewhere.
+    _check_index_range(op, indices, batch * seqlen)
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_put((indices,), packed)
     return out.view(batch, seqlen, *packed.shape[1:])

@@ -129,3 +129,84 @@ def test_import_fastlm_does_not_import_transformers_and_registers_later():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_revert_keeps_state_set_while_optimized():
+    model = transformers.BertModel(tiny_bert_config()).eval()
+    fastlm.optimize(model)
+    model.train()
+    model.gradient_checkpointing_enable()
+    layer = model.encoder.layer[0]
+    assert layer._fastlm_parts.attention.training  # the unregistered parts follow train()
+    fastlm.revert(model)
+    assert type(layer) is transformers.models.bert.modeling_bert.BertLayer
+    assert not hasattr(layer, "_fastlm_parts")
+    assert model.training and layer.training and layer.attention.self.training
+    assert layer.gradient_checkpointing and model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("make", [lambda: transformers.BertModel(tiny_bert_config()),
+                                  lambda: transformers.GPT2LMHeadModel(tiny_gpt2_config())],
+                         ids=["bert", "gpt2"])  # fmt: skip
+def test_optimized_model_round_trips_through_torch_save(tmp_path, make):
+    model = fastlm.optimize(make().eval())
+    ids = torch.randint(1, 61, (2, 5))
+    with torch.no_grad():
+        ref = model(ids)[0]
+    torch.save(model, tmp_path / "m.pt")  # PicklingError when the classes were made by type()
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], ref)
+    fastlm.revert(loaded)
+    assert loaded.config._attn_implementation != "fastlm"
+
+
+def test_optimize_finds_every_model_inside_a_wrapper():
+    class Wrapper(torch.nn.Module):  # no .config: optimize() used to read model.config
+        def __init__(self):
+            super().__init__()
+            self.encoder = transformers.BertModel(tiny_bert_config())
+            self.decoder = transformers.GPT2Model(tiny_gpt2_config())
+
+        def forward(self, ids):
+            return self.encoder(ids).last_hidden_state, self.decoder(ids).last_hidden_state
+
+    wrapper = Wrapper().eval()
+    ids = torch.randint(1, 61, (2, 6))
+    with torch.no_grad():
+        ref = wrapper(ids)
+    fastlm.optimize(wrapper)
+    assert type(wrapper.encoder.encoder.layer[0]).__name__ == "FastLMBertLayer"
+    assert type(wrapper.decoder.h[1]).__name__ == "FastLMGPT2Block"
+    with torch.no_grad():
+        for got, want in zip(wrapper(ids), ref):
+            torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    fastlm.revert(wrapper)
+    assert wrapper.encoder.config._attn_implementation != "fastlm"
+    assert type(wrapper.decoder.h[1]).__name__ == "GPT2Block"
+
+
+def test_optimize_bert_trains_with_dropout():
+    model = transformers.BertModel(
+        tiny_bert_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    )
+    fastlm.optimize(model).train()
+    ids = torch.randint(1, 61, (2, 6))
+    out = model(ids).last_hidden_state
+    assert not torch.equal(out, model(ids).last_hidden_state)  # dropout is on
+    out.sum().backward()
+    assert model.encoder.layer[0].attention.self.query.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_mask_on_a_device_is_passed_through_unread():
+    # Dropping an all-ones mask needs its values: a host sync on a GPU. Only CPU masks are
+    # inspected; a meta tensor (no values at all) shows no other device is read.
+    from transformers import masking_utils as mu
+
+    from fastlm.integrations.hf.attention import fastlm_mask
+
+    m = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    assert fastlm_mask(2, 3, 3, mask_function=mu.causal_mask_function, attention_mask=m) is not None

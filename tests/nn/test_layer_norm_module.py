@@ -30,3 +30,14 @@ def test_from_torch_shares_parameters(device):
 def test_multi_dim_normalized_shape_rejected():
     with pytest.raises(NotImplementedError, match="last dimension"):
         fnn.LayerNorm((4, 8))
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_input_width_must_match_normalized_shape(affine):
+    # Without affine parameters nothing else ties the width to the module: a width-5 input
+    # was normalised by LayerNorm(8) without complaint.
+    ln = fnn.LayerNorm(8, elementwise_affine=affine, backend="torch")
+    with pytest.raises(ValueError, match=r"normalized_shape is \(8,\).*last dimension is 5"):
+        ln(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"normalized_shape is \(8,\).*last dimension is 5"):
+        ln(torch.randn(2, 5), residual=torch.randn(2, 5))

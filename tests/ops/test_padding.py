@@ -156,7 +156,20 @@ def test_pad_bad_inputs(change, exc, match, device):
         fastlm.pad_input(*change(packed, indices))
 
 
-def test_pad_out_of_range_index_raises(device):
-    packed = torch.randn(2, 4, device=device)
-    with pytest.raises((IndexError, RuntimeError)):
-        fastlm.pad_input(packed, torch.tensor([0, 15], device=device), 3, 5)
+@pytest.mark.parametrize("bad", [15, -1, -15], ids=["past-end", "negative", "negative-wraps-to-0"])
+def test_pad_index_outside_the_slots_raises(bad):
+    # -1 and -15 were taken from the end by torch indexing: a silent write to a wrong slot.
+    # A value check, so on CPU tensors (on a GPU it is a device-side assert, not catchable).
+    packed = torch.randn(2, 4)
+    with pytest.raises(
+        ValueError, match=rf"indices must lie in \[0, batch \* seqlen = 15\), got {bad}"
+    ):
+        fastlm.pad_input(packed, torch.tensor([0, bad]), 3, 5)
+
+
+def test_compiled_pad_index_check_is_a_device_assert():
+    # Traced, the check is torch._assert_async (no graph break, no host sync); on CPU it
+    # raises at once.
+    pad = torch.compile(fastlm.pad_input, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="indices outside"):
+        pad(torch.randn(2, 4), torch.tensor([0, -1]), 3, 5)

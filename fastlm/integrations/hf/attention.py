@@ -3,8 +3,8 @@
 transformers 5.x builds the attention mask through AttentionMaskInterface[impl] and runs
 attention through AttentionInterface[impl]. Both are registered under "fastlm":
 
-* :func:`fastlm_mask` hands the (B, Sk) bool padding mask through unchanged (None when
-  nothing is padded) instead of a 4D float bias: fastlm.attention takes padding as
+* :func:`fastlm_mask` hands the (B, Sk) bool padding mask through unchanged instead of a
+  4D float bias (None when there is no mask, or a CPU mask with nothing padded): fastlm.attention takes padding as
   ``key_padding_mask`` and causality as a flag. Registering only the attention function
   would make transformers drop the mask for unknown implementations: padded inputs would
   silently attend to padding.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-import fastlm
+from fastlm.ops.attention import attention
 
 
 def _plain_mask_kind(mask_function) -> str | None:
@@ -68,7 +68,12 @@ def fastlm_mask(
         raise ValueError(
             f"attn_implementation='fastlm': attention_mask covers {mask.shape[1]} keys, the attention has {kv_length}"
         )
-    return None if bool(mask.all()) else mask
+    # An all-ones mask can be dropped (the kernels skip the mask loads, SDPA keeps its
+    # unmasked path), but finding out reads its values: free on CPU, a host sync per forward
+    # on a GPU. So only CPU masks are inspected; a GPU mask is always passed through.
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return None
+    return mask
 
 
 def fastlm_attention_forward(
@@ -96,7 +101,7 @@ def fastlm_attention_forward(
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
-    out = fastlm.attention(
+    out = attention(
         query.transpose(1, 2),
         key.transpose(1, 2),
         value.transpose(1, 2),

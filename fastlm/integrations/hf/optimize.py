@@ -1,220 +1,217 @@
-"""fastlm.optimize(hf_model) / fastlm.revert(hf_model): swap fastlm execution into a
-transformers BERT or GPT-2 in place.
+"""fastlm.optimize(hf_model) / fastlm.revert(hf_model): swap fastlm execution into the
+transformers BERT and GPT-2 models inside a module, in place.
 
-What changes (weights are shared, never copied; every original module object stays
-reachable and comes back on revert):
+How: nothing is replaced. Each BertLayer / GPT2Block and each LayerNorm changes *class* to
+a fastlm subclass defined below (``module.__class__ = ...``), and revert changes it back.
+The module objects, their children, parameters, buffers, hooks, ``training`` flags and
+gradient-checkpointing settings are the very same before, during and after, so state_dict
+keys, optimizers and ``isinstance`` checks (output capturing, checkpointing) are
+unaffected, and a state set while optimized survives revert. The subclasses live at module
+level, so an optimized model pickles (torch.save) and unpickles wherever fastlm imports.
 
-* the model's attention implementation becomes "fastlm" (fastlm.attention with a (B, Sk)
-  padding mask, see attention.py); the previous one is restored by revert;
-* each BertLayer / GPT2Block is replaced by a fastlm subclass of the same class whose
-  children *are* the original submodules, so state_dict keys, parameters, hooks keyed on
-  the class (output_hidden_states) and optimizers are unaffected. Its forward fuses the
-  residual add into the LayerNorm (fastlm.layer_norm(..., residual=)) and runs the FFN as
-  fastlm.gelu_ffn;
-* other LayerNorms (embeddings, ln_f) become fastlm.nn.LayerNorm sharing the parameters.
+What runs differently while optimized:
 
-Supported: BertModel and the Bert* task models built on it (encoder configuration), and
-GPT2Model / GPT2LMHeadModel / other GPT2* models built on GPT2Model. Cross-attention and
-other configurations raise NotImplementedError.
+* the attention implementation becomes "fastlm" (fastlm.attention with a (B, Sk) padding
+  mask, see attention.py); the previous one comes back on revert;
+* LayerNorms become fastlm.nn.LayerNorm (same parameters), and the layers fuse each
+  residual add into the LayerNorm that follows it;
+* a BERT layer runs its self-attention as fastlm.nn.SelfAttention over its query/key/value
+  and output projections and its FFN as fastlm.nn.GeluFFN (bias + GELU and the residual
+  add fused into the GEMMs); a GPT-2 block runs its MLP as fastlm.nn.GeluFFN and keeps
+  transformers' GPT2Attention (which owns the KV cache of generate()) on the "fastlm"
+  attention implementation. These nn modules wrap the layer's own children; they are kept
+  in the layer's ``_fastlm_parts``, not registered as submodules (that would add
+  state_dict keys).
+
+Supported: every transformers BertModel (encoder configuration, absolute positions) and
+GPT2Model (no cross-attention) found among the submodules of the given module: the bare
+models, the Bert*/GPT2* task models, and user modules wrapping them. Other configurations
+raise NotImplementedError.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 
-import fastlm
-from fastlm.models.config import gelu_approximate
-from fastlm.nn import LayerNorm as FastLayerNorm
+from fastlm.integrations.hf import register, require_transformers
+
+require_transformers("fastlm.optimize")
+
+from transformers.models.bert.modeling_bert import BertLayer, BertModel  # noqa: E402
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2Model  # noqa: E402
+
+from fastlm.models.config import gelu_approximate  # noqa: E402
+from fastlm.nn import GeluFFN, SelfAttention  # noqa: E402
+from fastlm.nn import LayerNorm as FastLayerNorm  # noqa: E402
 
 _STATE = "_fastlm_optimized"
+_PARTS = "_fastlm_parts"
 
 
-def _ln(ln: nn.LayerNorm, x, residual=None):
-    return fastlm.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual)
+class _Parts(NamedTuple):
+    """The fastlm nn modules a layer runs, over its own children (not registered)."""
+
+    attention: SelfAttention | None
+    ffn: GeluFFN
 
 
-def _adopt(cls: type, original: nn.Module) -> nn.Module:
-    """An instance of fastlm subclass ``cls`` holding ``original``'s children and attributes."""
-    new = cls.__new__(cls)
-    new.__dict__.update(original.__dict__)
-    new._modules = dict(original._modules)
-    new._parameters = dict(original._parameters)
-    new._buffers = dict(original._buffers)
-    return new
+class _FastLayer:
+    """Mixin: ``train()``/``eval()`` reach the unregistered parts too (attention dropout)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for part in self.__dict__[_PARTS]:
+            if part is not None:
+                part.train(mode)
+        return self
 
 
-def _bert_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                        encoder_attention_mask=None, past_key_values=None, **kwargs):  # fmt: skip
-    if encoder_hidden_states is not None or past_key_values is not None:
+class FastLMBertLayer(_FastLayer, BertLayer):
+    """A transformers BertLayer run by fastlm (see the module docstring)."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, **kwargs):  # fmt: skip
+        if encoder_hidden_states is not None or _cache_in(kwargs):
+            raise NotImplementedError(
+                "fastlm.optimize: BERT cross-attention / KV caches are not supported"
+            )
+        parts: _Parts = self.__dict__[_PARTS]
+        so, out = self.attention.output, self.output
+        a = parts.attention(hidden_states, attention_mask)  # includes so.dense
+        x, _ = so.LayerNorm(so.dropout(a), residual=hidden_states)
+        if self.training and out.dropout.p > 0:  # dropout sits between fc2 and the residual add
+            return out.LayerNorm(out.dropout(parts.ffn(x)), residual=x)[0]
+        return out.LayerNorm(parts.ffn(x, residual=x))
+
+
+class FastLMGPT2Block(_FastLayer, GPT2Block):
+    """A transformers GPT2Block run by fastlm (see the module docstring)."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, use_cache=False, **kwargs):  # fmt: skip
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("fastlm.optimize: GPT-2 cross-attention is not supported")
+        # The cache goes positionally: transformers renamed that argument (past_key_values -> cache).
+        a, _ = self.attn(
+            self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache,
+            **kwargs,
+        )  # fmt: skip
+        x, r = self.ln_2(a, residual=hidden_states)
+        return r + self.mlp.dropout(self.__dict__[_PARTS].ffn(x))
+
+
+def _cache_in(kwargs: dict) -> bool:
+    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
+def _bert_parts(layer: BertLayer, approximate: str) -> _Parts:
+    sa = layer.attention.self
+    attention = SelfAttention.from_linears(
+        (sa.query, sa.key, sa.value), layer.attention.output.dense, sa.num_attention_heads,
+        dropout=sa.dropout.p, softmax_scale=sa.scaling,
+    )  # fmt: skip
+    attention.train(layer.training)
+    ffn = GeluFFN.from_linears(layer.intermediate.dense, layer.output.dense, approximate)
+    return _Parts(attention, ffn)
+
+
+def _gpt2_parts(block: GPT2Block, approximate: str) -> _Parts:
+    return _Parts(None, GeluFFN.from_linears(block.mlp.c_fc, block.mlp.c_proj, approximate))
+
+
+class _Swaps:
+    """The class changes made so far, to undo in reverse order."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[nn.Module, type]] = []
+
+    def swap(self, module: nn.Module, expected: type, fast: type, parts: _Parts | None = None):
+        if type(module) is not expected:
+            raise NotImplementedError(
+                f"fastlm.optimize: expected a {expected.__name__}, got {type(module).__name__} "
+                "(a subclass may override forward; fastlm would silently drop that)"
+            )
+        if parts is not None:
+            module.__dict__[_PARTS] = parts
+        self.done.append((module, expected))
+        module.__class__ = fast
+
+    def undo(self) -> None:
+        for module, original in reversed(self.done):
+            module.__class__ = original
+            module.__dict__.pop(_PARTS, None)
+
+
+def _optimize_bert(model: BertModel, swaps: _Swaps) -> None:
+    cfg = model.config
+    if cfg.is_decoder or cfg.add_cross_attention or getattr(cfg, "position_embedding_type", "absolute") != "absolute":  # fmt: skip
         raise NotImplementedError(
-            "fastlm.optimize: BERT cross-attention / KV caches are not supported"
+            "fastlm.optimize: only encoder BERT with absolute positions is supported"
         )
-    sa = self.attention.self
-    b, s, _ = hidden_states.shape
-    shape = (b, s, sa.num_attention_heads, sa.attention_head_size)
-    q, k, v = (lin(hidden_states).view(shape) for lin in (sa.query, sa.key, sa.value))
-    from fastlm.integrations.hf.attention import fastlm_attention_forward
-
-    a, _ = fastlm_attention_forward(
-        sa, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-        scaling=sa.scaling, dropout=sa.dropout.p if self.training else 0.0, is_causal=False,
-    )  # fmt: skip
-    so = self.attention.output
-    x, _ = _ln(so.LayerNorm, so.dropout(so.dense(a.reshape(b, s, -1))), residual=hidden_states)
-    fc1, out = self.intermediate.dense, self.output
-    if out.dropout.p > 0 and self.training:
-        h = fastlm.gelu_ffn(
-            x,
-            fc1.weight,
-            fc1.bias,
-            out.dense.weight,
-            out.dense.bias,
-            approximate=self._fastlm_approx,
-        )
-        return _ln(out.LayerNorm, out.dropout(h), residual=x)[0]
-    z = fastlm.gelu_ffn(
-        x,
-        fc1.weight,
-        fc1.bias,
-        out.dense.weight,
-        out.dense.bias,
-        approximate=self._fastlm_approx,
-        residual=x,
-    )
-    return _ln(out.LayerNorm, z)
+    approximate = gelu_approximate(cfg.hidden_act, "BertModel")
+    swaps.swap(model.embeddings.LayerNorm, nn.LayerNorm, FastLayerNorm)
+    for layer in model.encoder.layer:
+        swaps.swap(layer, BertLayer, FastLMBertLayer, _bert_parts(layer, approximate))
+        swaps.swap(layer.attention.output.LayerNorm, nn.LayerNorm, FastLayerNorm)
+        swaps.swap(layer.output.LayerNorm, nn.LayerNorm, FastLayerNorm)
 
 
-def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None,
-                        encoder_attention_mask=None, use_cache=False, **kwargs):  # fmt: skip
-    if encoder_hidden_states is not None:
-        raise NotImplementedError("fastlm.optimize: GPT-2 cross-attention is not supported")
-    a, _ = self.attn(
-        _ln(self.ln_1, hidden_states), past_key_values=past_key_values, attention_mask=attention_mask,
-        use_cache=use_cache, **kwargs,
-    )  # fmt: skip
-    x, r = _ln(self.ln_2, a, residual=hidden_states)
-    mlp = self.mlp
-    m = fastlm.gelu_ffn(
-        x, mlp.c_fc.weight.t(), mlp.c_fc.bias, mlp.c_proj.weight.t(), mlp.c_proj.bias,
-        approximate=self._fastlm_approx,
-    )  # fmt: skip
-    return r + mlp.dropout(m)
-
-
-def _fast_subclass(base: type, forward) -> type:
-    # A subclass per HF class keeps isinstance checks (output capturing, gradient checkpointing).
-    return type(
-        f"FastLM{base.__name__}", (base,), {"forward": forward, "_fastlm_original_class": base}
-    )
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _swap(parent: nn.Module, name: str, new: nn.Module, record: list) -> None:
-    record.append((parent, name, parent._modules[name]))
-    parent._modules[name] = new
-
-
-def _find_backbone(model: nn.Module):
-    from transformers.models.bert.modeling_bert import BertModel
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Model
-
-    for m in model.modules():
-        if isinstance(m, (BertModel, GPT2Model)):
-            return m
-    raise NotImplementedError(
-        f"fastlm.optimize: supports transformers BERT and GPT-2 models; {type(model).__name__} contains neither"
-    )
+def _optimize_gpt2(model: GPT2Model, swaps: _Swaps) -> None:
+    cfg = model.config
+    if cfg.add_cross_attention:
+        raise NotImplementedError("fastlm.optimize: GPT-2 with cross-attention is not supported")
+    approximate = gelu_approximate(cfg.activation_function, "GPT2Model")
+    for block in model.h:
+        swaps.swap(block, GPT2Block, FastLMGPT2Block, _gpt2_parts(block, approximate))
+        swaps.swap(block.ln_1, nn.LayerNorm, FastLayerNorm)
+        swaps.swap(block.ln_2, nn.LayerNorm, FastLayerNorm)
+    swaps.swap(model.ln_f, nn.LayerNorm, FastLayerNorm)
 
 
 def optimize(model: nn.Module) -> nn.Module:
-    """Run ``model`` (a transformers BERT/GPT-2) on fastlm kernels, in place; returns it."""
+    """Run every transformers BERT/GPT-2 model inside ``model`` on fastlm kernels, in place;
+    returns ``model``. A second call is a no-op; :func:`revert` undoes it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastlm.optimize: expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _STATE, None) is not None:
         return model
-    from transformers.models.bert.modeling_bert import BertLayer, BertModel
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    from fastlm.integrations.hf import register
-
+    backbones = [m for m in model.modules() if isinstance(m, (BertModel, GPT2Model))]
+    if not backbones:
+        raise NotImplementedError(
+            f"fastlm.optimize: supports transformers BERT and GPT-2 models; {type(model).__name__} contains neither"
+        )
     register.register_if_available()
     if not register.is_registered():
         raise NotImplementedError(
             f"fastlm.optimize: attn_implementation='fastlm' is unavailable: {register.status()}"
         )
-    backbone = _find_backbone(model)
-    cfg = model.config
-    record: list = []
-    if isinstance(backbone, BertModel):
-        if (
-            cfg.is_decoder
-            or cfg.add_cross_attention
-            or getattr(cfg, "position_embedding_type", "absolute") != "absolute"
-        ):
-            raise NotImplementedError(
-                "fastlm.optimize: only encoder BERT with absolute positions is supported"
-            )
-        approx = gelu_approximate(cfg.hidden_act, "BertModel")
-        for i, layer in enumerate(backbone.encoder.layer):
-            cls = _SUBCLASSES.setdefault(
-                type(layer), _fast_subclass(type(layer), _bert_layer_forward)
-            )
-            if not isinstance(layer, BertLayer):
-                raise NotImplementedError(
-                    f"fastlm.optimize: unexpected layer type {type(layer).__name__}"
-                )
-            new = _adopt(cls, layer)
-            new._fastlm_approx = approx
-            _swap(backbone.encoder.layer, str(i), new, record)
-        _swap(
-            backbone.embeddings,
-            "LayerNorm",
-            FastLayerNorm.from_torch(backbone.embeddings.LayerNorm),
-            record,
-        )
-    else:
-        if cfg.add_cross_attention:
-            raise NotImplementedError(
-                "fastlm.optimize: GPT-2 with cross-attention is not supported"
-            )
-        approx = gelu_approximate(cfg.activation_function, "GPT2Model")
-        for i, block in enumerate(backbone.h):
-            if not isinstance(block, GPT2Block):
-                raise NotImplementedError(
-                    f"fastlm.optimize: unexpected block type {type(block).__name__}"
-                )
-            cls = _SUBCLASSES.setdefault(
-                type(block), _fast_subclass(type(block), _gpt2_block_forward)
-            )
-            new = _adopt(cls, block)
-            new._fastlm_approx = approx
-            _swap(backbone.h, str(i), new, record)
-        _swap(backbone, "ln_f", FastLayerNorm.from_torch(backbone.ln_f), record)
-    previous = model.config._attn_implementation
-    _set_attn(model, "fastlm")
-    object.__setattr__(model, _STATE, (record, previous))
+    swaps = _Swaps()
+    try:
+        for backbone in backbones:
+            (_optimize_bert if isinstance(backbone, BertModel) else _optimize_gpt2)(backbone, swaps)
+    except BaseException:
+        swaps.undo()  # all or nothing
+        raise
+    previous = [(b, b.config._attn_implementation) for b in backbones]
+    for backbone in backbones:
+        backbone.set_attn_implementation("fastlm")
+    object.__setattr__(model, _STATE, (swaps, previous))
     return model
 
 
-def _set_attn(model: nn.Module, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # pragma: no cover - older transformers 5.x
-        model.config._attn_implementation = impl
-
-
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize`: the original modules and attention implementation come back."""
+    """Undo :func:`optimize`: the original classes and attention implementations come back;
+    every other state (training mode, gradient checkpointing, parameters) is kept."""
     state = getattr(model, _STATE, None)
     if state is None:
         raise ValueError(
             f"fastlm.revert: {type(model).__name__} was not optimized by fastlm.optimize"
         )
-    record, previous = state
-    for parent, name, original in reversed(record):
-        parent._modules[name] = original
-    _set_attn(model, previous)
+    swaps, previous = state
+    swaps.undo()
+    for backbone, impl in previous:
+        backbone.set_attn_implementation(impl)
     object.__delattr__(model, _STATE)
     return model

@@ -1,0 +1,22 @@
+"""The (weight, bias) of a projection layer, in the (out_features, in_features) layout of
+``F.linear``, whether it is a ``torch.nn.Linear`` or a transformers ``Conv1D`` (GPT-2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def weight_and_bias(
+    module: nn.Module, owner: str, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as (out, in), bias) of ``module``. A Conv1D stores its weight (in, out): its
+    transpose is a strided view that F.linear and the fused kernels read in place (no copy).
+    ``owner`` and ``name`` only make the error message."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t(), module.bias
+    raise TypeError(
+        f"fastlm.nn.{owner}: {name} must be a torch.nn.Linear or a transformers Conv1D, got {type(module).__name__}"
+    )
