@@ -28,14 +28,6 @@ LOG2E = math.log2(math.e)  # log2(e): natural lse -> the Triton kernels' base-2 
 def reason(call: AttentionCall) -> str | None:
     """All limits of the CUDA kernel (its binding checks them too, but with a TORCH_CHECK
     that would make an automatic choice fail instead of falling back)."""
-    if call.device.type != "cuda":
-        return f"the CUDA C++ kernels need CUDA tensors, got device {call.device.type!r}"
-    capability = torch.cuda.get_device_capability(call.device)
-    if capability < MIN_CAPABILITY:
-        return (
-            "the CUDA attention kernels need compute capability >= 8.0 (mma.sync bf16/fp16), "
-            f"got {capability[0]}.{capability[1]}"
-        )
     if call.q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA attention kernels take float16 or bfloat16, got {str(call.q.dtype)[6:]}"
     if call.head_dim not in _cuda_ext.ATTENTION_HEAD_DIMS:
@@ -47,6 +39,14 @@ def reason(call: AttentionCall) -> str | None:
         return (
             f"the CUDA attention kernel needs batch <= {CUDA_MAX_GRID_YZ} and heads <= "
             f"{CUDA_MAX_GRID_YZ}, got {call.batch} and {call.heads}"
+        )
+    if call.device.type != "cuda":
+        return f"the CUDA C++ kernels need CUDA tensors, got device {call.device.type!r}"
+    capability = torch.cuda.get_device_capability(call.device)
+    if capability < MIN_CAPABILITY:
+        return (
+            "the CUDA attention kernels need compute capability >= 8.0 (mma.sync bf16/fp16), "
+            f"got {capability[0]}.{capability[1]}"
         )
     for name, t, aligned in zip("qkv", (call.q, call.k, call.v), call.aligned16()):
         if not aligned:
