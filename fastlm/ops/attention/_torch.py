@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops.attention.call import AttentionCall, cu_seqlens_invalid
+from fastlm.reference.attention import allowed_mask
 
 # run(call) gives the result with PyTorch's autograd: no custom op or backward of ours.
 NATIVE = True
@@ -44,22 +45,6 @@ def run(call: AttentionCall) -> torch.Tensor:
     if call.device.type == "cpu" and not torch.compiler.is_compiling():
         return _varlen_by_sequence(call)
     return _varlen_padded(call)
-
-
-def _allowed(
-    sq: int, sk: int, causal: bool, key_padding_mask: torch.Tensor | None, device
-) -> torch.Tensor | None:
-    """Bool (B or 1, 1, Sq, Sk), True where a query may see a key (None: everywhere).
-    ``key_padding_mask`` (B, Sk); the causal mask is bottom-right aligned."""
-    allowed = None
-    if causal:
-        i = torch.arange(sq, device=device)[:, None]
-        j = torch.arange(sk, device=device)[None, :]
-        allowed = (j <= i + (sk - sq))[None, None]
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]
-        allowed = pad if allowed is None else allowed & pad
-    return allowed
 
 
 def _sdpa(
@@ -94,7 +79,7 @@ def _padded(call, q, k, v, key_padding_mask) -> torch.Tensor:
     sq, sk = q.shape[1], k.shape[1]
     if call.causal and sq == sk and key_padding_mask is None:
         return _sdpa(call, q, k, v, None, is_causal=True).contiguous()
-    allowed = _allowed(sq, sk, call.causal, key_padding_mask, q.device)
+    allowed = allowed_mask(sq, sk, call.causal, key_padding_mask, q.device)
     return _sdpa(call, q, k, v, allowed).contiguous()
 
 
