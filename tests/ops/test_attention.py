@@ -117,15 +117,18 @@ def check_parity(actual_out, actual_grads, inputs, dout, oracles, baseline_fn):
             assert_parity(g, o, bl, name=f"{name} vs {oracle_name}", atol=cancel)
 
 
-def check_padded(out, inputs, dout, causal, mask, softmax_scale=None):
-    def with_ref(q, k, v):
-        return ref.attention(q, k, v, causal, mask, softmax_scale)
-
-    def with_sdpa(q, k, v):
-        return sdpa(q, k, v, causal, mask, softmax_scale)
-
+def check_oracles(out, inputs, dout, with_ref, with_sdpa):
+    """check_parity against fastlm.reference and SDPA, SDPA also the low-precision baseline."""
     oracles = {"reference": with_ref, "SDPA": with_sdpa}
     check_parity(out, grads(out, inputs, dout), inputs, dout, oracles, with_sdpa)
+
+
+def check_padded(out, inputs, dout, causal, mask, softmax_scale=None):
+    check_oracles(
+        out, inputs, dout,
+        lambda q, k, v: ref.attention(q, k, v, causal, mask, softmax_scale),
+        lambda q, k, v: sdpa(q, k, v, causal, mask, softmax_scale),
+    )  # fmt: skip
 
 
 def run_case(case, dtype, device, backend):

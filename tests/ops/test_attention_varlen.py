@@ -11,7 +11,7 @@ import torch
 import fastlm
 from fastlm.ops.attention import AttentionCall, _op, _torch
 from fastlm.reference import attention as ref
-from tests.ops.test_attention import check_parity, grads, sdpa_varlen
+from tests.ops.test_attention import check_oracles, grads, sdpa_varlen
 from tests.parity import assert_parity
 
 BACKENDS = ["triton", "torch", "reference"]
@@ -46,14 +46,11 @@ def packed(lq, lk, h, hkv, d, dtype, device):
 
 
 def check_varlen(out, inputs, dout, cu_q, cu_k, causal):
-    def with_ref(q, k, v):
-        return ref.attention_varlen(q, k, v, cu_q, cu_k, causal)
-
-    def with_sdpa(q, k, v):
-        return sdpa_varlen(q, k, v, cu_q, cu_k, causal)
-
-    oracles = {"reference": with_ref, "SDPA": with_sdpa}
-    check_parity(out, grads(out, inputs, dout), inputs, dout, oracles, with_sdpa)
+    check_oracles(
+        out, inputs, dout,
+        lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, causal),
+        lambda q, k, v: sdpa_varlen(q, k, v, cu_q, cu_k, causal),
+    )  # fmt: skip
 
 
 def run_case(case, dtype, device, backend):
