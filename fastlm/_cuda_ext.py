@@ -30,13 +30,14 @@ dims are flattened by the caller, last dim contiguous):
     y = gelu(x + bias) for x (..., N); h = x + bias in x's dtype (for the backward).
 ``gelu_bwd(dy, h, approximate="none") -> dh``   dh = dy * gelu'(h)
 ``bias_residual_add(x, bias, residual) -> y``   y = x + bias + residual
-``attention(q, k, v, key_padding_mask=None, softmax_scale=None, causal=False) -> (o, lse)``
+``attention(q, k, v, key_padding_mask, softmax_scale, causal=False) -> (o, lse)``
     q (B, Sq, H, D), k/v (B, Sk, Hkv, D), fp16/bf16, D in {64, 128}; mask bool (B, Sk),
     True = attend; causal aligned bottom-right; o (B, Sq, H, D), lse (B, H, Sq) fp32,
     +inf (and o = 0) for rows that see no key.
 ``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-softmax_scale=None, causal=False) -> (o, lse)``
-    q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens int32 (B + 1,); lse (H, total_q).
+softmax_scale, causal=False) -> (o, lse)``
+    q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens int32 (B + 1,) contiguous and
+    valid (the kernel reads them unclamped); lse (H, total_q).
 ``attention_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True)
 -> (o, lse)``
     q (B, Sq, H, D), caches (B, S_cache, Hkv, D), cache_seqlens int32 (B,) = valid keys per
@@ -308,26 +309,21 @@ class _Ops:
         )
         return y.view(x.shape)
 
-    def attention(self, q, k, v, key_padding_mask=None, softmax_scale=None, causal=False):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        return self._ops.attention_fwd(q, k, v, key_padding_mask, scale, bool(causal))
+    # softmax_scale is required: the default (fastlm.ops._checks.default_softmax_scale) is
+    # resolved once, by the op's call record, never here.
+    def attention(self, q, k, v, key_padding_mask, softmax_scale, causal=False):
+        return self._ops.attention_fwd(
+            q, k, v, key_padding_mask, float(softmax_scale), bool(causal)
+        )
 
     def attention_varlen(
-        self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale=None, causal=False,
+        self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        causal=False,
     ):  # fmt: skip
-        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
         return self._ops.attention_varlen_fwd(
-            q,
-            k,
-            v,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            int(max_seqlen_q),
-            int(max_seqlen_k),
-            scale,
-            bool(causal),
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+            float(softmax_scale), bool(causal),
+        )  # fmt: skip
 
     def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True):
         scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)

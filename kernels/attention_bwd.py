@@ -61,7 +61,7 @@ _KEY = ["seq_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "IS_VA
 def _bwd_preprocess_kernel(
     O, DO, DELTA, CU_Q,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh, stride_lb, stride_lh,
-    H, seq_q,
+    H, seq_q, total_q,
     IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """delta[b, h, i] = rowsum(dO * O) in fp32. Grid (cdiv(Sq, BLOCK_M), B * H)."""
@@ -69,7 +69,7 @@ def _bwd_preprocess_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_start, q_len, _, _ = seq_bounds(CU_Q, CU_Q, b, seq_q, seq_q, IS_VARLEN)
+    q_start, q_len, _, _ = seq_bounds(CU_Q, CU_Q, b, seq_q, seq_q, total_q, total_q, IS_VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
@@ -137,7 +137,8 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_mb, stride_mk,
-    H, GROUP, seq_q, seq_k, seq_bucket, qk_scale, softmax_scale, dropout_p, seed,
+    H, GROUP, seq_q, seq_k, total_q, total_k, seq_bucket, qk_scale, softmax_scale, dropout_p,
+    seed,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -148,7 +149,9 @@ def _bwd_dkdv_kernel(
     hkv = H // GROUP
     b = pid_bh // hkv
     hk = pid_bh % hkv
-    q_start, q_len, k_start, k_len = seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    q_start, q_len, k_start, k_len = seq_bounds(
+        CU_Q, CU_K, b, seq_q, seq_k, total_q, total_k, IS_VARLEN
+    )
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -244,7 +247,8 @@ def _bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_mb, stride_mk,
-    H, GROUP, seq_q, seq_k, seq_bucket, qk_scale, softmax_scale, dropout_p, seed,
+    H, GROUP, seq_q, seq_k, total_q, total_k, seq_bucket, qk_scale, softmax_scale, dropout_p,
+    seed,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -255,7 +259,9 @@ def _bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    q_start, q_len, k_start, k_len = seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    q_start, q_len, k_start, k_len = seq_bounds(
+        CU_Q, CU_K, b, seq_q, seq_k, total_q, total_k, IS_VARLEN
+    )
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -329,7 +335,7 @@ def attention_bwd(
     _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block), batch * heads)](
         out, dout, delta, cu_seqlens_q if varlen else lse,
         *layout_strides(out, varlen), *layout_strides(dout, varlen), *lse_strides(lse, varlen),
-        heads, max_seqlen_q,
+        heads, max_seqlen_q, q.shape[0],
         IS_VARLEN=varlen, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
     )  # fmt: skip
 
@@ -344,7 +350,8 @@ def attention_bwd(
     )  # fmt: skip
     mask_strides = (kpm.stride(0), kpm.stride(1)) if has_mask else (0, 0)
     scalars = (
-        heads, group, max_seqlen_q, max_seqlen_k, seq_bucket(max(max_seqlen_q, max_seqlen_k)),
+        heads, group, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
+        seq_bucket(max(max_seqlen_q, max_seqlen_k)),
         softmax_scale * LOG2E, softmax_scale, float(dropout_p), seed,
     )  # fmt: skip
     qkv_strides = (
@@ -364,5 +371,6 @@ def attention_bwd(
         *qkv_strides, *layout_strides(dout, varlen), *layout_strides(dq, varlen),
         *lse_strides(lse, varlen), *mask_strides, *scalars, **common,
     )  # fmt: skip
-    # Validation guarantees cu_seqlens[-1] == total tokens: every row was written.
+    # With valid cu_seqlens every row was written; with invalid ones (unchecked on CUDA)
+    # the caller sets the gradients to NaN (kernels/attention_common.nan_if_invalid_cu_seqlens).
     return dq, dk, dv

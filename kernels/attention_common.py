@@ -7,7 +7,9 @@
   ``dropout_keep_mask`` all call this one function and so agree bit for bit. The counter
   is split into two 32-bit words explicitly so the stream is the same on every Triton
   version (tl.rand's handling of int64 offsets changed between releases).
-* ``seq_bounds``: where sequence b starts and how long it is, padded or packed (IS_VARLEN).
+* ``seq_bounds``: where sequence b starts and how long it is, padded or packed (IS_VARLEN),
+  clamped into the tensors whatever cu_seqlens holds; ``nan_if_invalid_cu_seqlens`` gives
+  invalid offsets their defined result (NaN outputs).
 * ``load_rows`` / ``store_rows``: a [rows, head_dim] tile of q, k, v, o or a gradient, masked
   on the row bounds and the head-dim padding.
 * ``kv_block_range`` / ``q_block_range``: which key blocks a query block must visit (and
@@ -43,16 +45,23 @@ def dropout_keep(seed, rows, cols, seq_k, p):
 
 
 @triton.jit
-def seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN: tl.constexpr):
-    """(q_start, q_len, k_start, k_len) of sequence b (starts int64): packed from cu_seqlens, or the
-    padded batch (start 0, lengths Sq and Sk)."""
+def _span(CU, b, total, max_len):
+    """(start int64, len) of packed sequence b, clamped: start and end into [0, total],
+    end >= start, len <= max_len (what the grid covers). Valid cu_seqlens pass unchanged;
+    wrong ones can never make a kernel touch a row outside the tensor."""
+    start = tl.minimum(tl.maximum(tl.load(CU + b), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), total)
+    return start.to(tl.int64), tl.minimum(end - start, max_len)
+
+
+@triton.jit
+def seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, total_q, total_k, IS_VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of sequence b (starts int64): packed from cu_seqlens
+    (contiguous, clamped into total_q / total_k tokens and the max seqlens seq_q / seq_k),
+    or the padded batch (start 0, lengths Sq and Sk)."""
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_len = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        k_len = tl.load(CU_K + b + 1) - k_start
-        q_start = q_start.to(tl.int64)
-        k_start = k_start.to(tl.int64)
+        q_start, q_len = _span(CU_Q, b, total_q, seq_q)
+        k_start, k_len = _span(CU_K, b, total_k, seq_k)
     else:
         q_start = tl.full([], 0, tl.int64)
         q_len = seq_q
@@ -153,6 +162,50 @@ def dropout_keep_mask(
     grid = (triton.cdiv(seq_q, block), triton.cdiv(seq_k, block), batch * heads)
     _dropout_mask_kernel[grid](out, seed, seq_q, seq_k, float(p), BLOCK_M=block, BLOCK_N=block)
     return out.bool()
+
+
+@triton.jit
+def _cu_seqlens_bad(CU, batch, total, max_len, BLOCK: tl.constexpr):
+    """True unless CU (batch + 1,) starts at 0, ends at total and every step is in
+    [0, max_len]."""
+    bad = (tl.load(CU) != 0) | (tl.load(CU + batch) != total)
+    for s in range(0, batch, BLOCK):
+        i = s + tl.arange(0, BLOCK)
+        ok = i < batch
+        lens = tl.load(CU + i + 1, mask=ok, other=0) - tl.load(CU + i, mask=ok, other=0)
+        bad = bad | (tl.max((ok & ((lens < 0) | (lens > max_len))).to(tl.int32), 0) != 0)
+    return bad
+
+
+@triton.jit
+def _nan_if_invalid_kernel(
+    X, n, CU_Q, CU_K, batch, total_q, total_k, max_q, max_k,
+    BLOCK: tl.constexpr, CU_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """X (n,) = NaN if cu_seqlens are invalid, untouched otherwise. Each program re-reads
+    the offsets (B + 1 ints, cached) instead of a separate flag kernel and buffer."""
+    bad = _cu_seqlens_bad(CU_Q, batch, total_q, max_q, CU_BLOCK)
+    bad = bad | _cu_seqlens_bad(CU_K, batch, total_k, max_k, CU_BLOCK)
+    if bad:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        nan = tl.full([BLOCK], float("nan"), tl.float32)
+        tl.store(X + offs, nan.to(X.dtype.element_ty), mask=offs < n)
+
+
+def nan_if_invalid_cu_seqlens(
+    outputs, cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int,
+    max_q: int, max_k: int,
+) -> None:  # fmt: skip
+    """The defined result of invalid cu_seqlens/max_seqlen (unchecked on CUDA: reading them
+    would be a host sync): every element of each contiguous tensor in ``outputs`` becomes
+    NaN, on the device. A no-op, without host sync, for valid values."""
+    batch, block = cu_q.numel() - 1, 1024
+    for x in outputs:
+        if x.numel():
+            _nan_if_invalid_kernel[(triton.cdiv(x.numel(), block),)](
+                x, x.numel(), cu_q, cu_k, batch, total_q, total_k, max_q, max_k,
+                BLOCK=block, CU_BLOCK=128,
+            )  # fmt: skip
 
 
 # ------------------------------------------------------------------ launcher helpers

@@ -117,19 +117,22 @@ def _attn_fwd_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_mb, stride_mk,
-    H, GROUP, seq_q, seq_k, seq_bucket, qk_scale, dropout_p, seed,
+    H, GROUP, seq_q, seq_k, total_q, total_k, seq_bucket, qk_scale, dropout_p, seed,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(Sq or max_seqlen_q, BLOCK_M), B * H). seq_q/seq_k: Sq/Sk or the max
-    seqlens (they also key the dropout counters); seq_bucket only keys the autotuner."""
+    seqlens (they also key the dropout counters); total_q/total_k: the packed token counts
+    that bound every sequence; seq_bucket only keys the autotuner."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    q_start, q_len, k_start, k_len = seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, IS_VARLEN)
+    q_start, q_len, k_start, k_len = seq_bounds(
+        CU_Q, CU_K, b, seq_q, seq_k, total_q, total_k, IS_VARLEN
+    )
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:  # packed batches: this sequence is shorter than max_seqlen_q
         return
@@ -213,7 +216,7 @@ def attention_fwd(
         *layout_strides(q, varlen), *layout_strides(k, varlen), *layout_strides(v, varlen),
         *layout_strides(out, varlen), *lse_strides(lse, varlen),
         kpm.stride(0) if has_mask else 0, kpm.stride(1) if has_mask else 0,
-        heads, heads // k.shape[-2], max_seqlen_q, max_seqlen_k,
+        heads, heads // k.shape[-2], max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
         seq_bucket(max(max_seqlen_q, max_seqlen_k)), softmax_scale * LOG2E, float(dropout_p), seed,
         IS_VARLEN=varlen, IS_CAUSAL=bool(causal), HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0,
         HEAD_DIM=head_dim, BLOCK_D=head_block(head_dim), DOT_PRECISION=fp32_dot_precision(q.dtype),

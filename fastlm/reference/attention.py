@@ -1,4 +1,5 @@
-"""Scaled dot-product attention in plain PyTorch: the oracle and the CPU fallback.
+"""Scaled dot-product attention in plain PyTorch, written for clarity: the test oracle
+(next to PyTorch's own SDPA) and the ``reference`` backend. Never the serving path.
 
 For one (batch b, head h), with queries i < Sq and keys j < Sk:
 
@@ -27,15 +28,16 @@ dtype, a naive low-precision baseline for the parity rule of tests/parity.py.
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 
+from fastlm.ops._checks import default_softmax_scale
 from fastlm.reference._util import compute_dtype
 
 
 def default_scale(head_dim: int, softmax_scale: float | None) -> float:
-    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    """``softmax_scale``, or the default 1/sqrt(head_dim) (defined in fastlm.ops._checks)."""
+    return default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
 def allowed_mask(

@@ -1,9 +1,10 @@
 """fastlm.attention / fastlm.attention_varlen with backend="cuda" on a GPU: the forward of
 csrc/attention_fwd.cu and the gradients through it (Triton backward on its converted lse,
 or the reference backward without Triton), parity against fastlm.reference with the rule of
-tests/parity.py; the limits that send a call elsewhere (dropout, dtype, head_dim,
-alignment); torch.compile and opcheck of the custom op. Skipped without a GPU; on a GPU the
-extension must build (JIT or AOT). The CPU side (dispatch, the cuda backward path through
+tests/parity.py (and SDPA math as the second oracle and the low-precision baseline); the limits that send a call elsewhere (dropout, dtype, head_dim,
+alignment); invalid packed offsets (unchecked on CUDA) give NaN without touching memory
+outside the tensors; torch.compile and opcheck of the custom op. Skipped without a GPU; on a
+GPU the extension must build (JIT or AOT). The CPU side (dispatch, the cuda backward path through
 the interpreter) is in tests/ops/test_attention.py."""
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import torch
 import fastlm
 from fastlm import _cuda_ext, backends, dispatch_table
 from fastlm.backends import BackendUnavailableError
-from fastlm.ops import attention as A
-from fastlm.reference import attention as ref
+from fastlm.ops._checks import default_softmax_scale
+from fastlm.ops.attention import BACKENDS, OP, AttentionCall, _op
 from tests.ops.test_attention import _id as case_id
-from tests.ops.test_attention import check_against_reference, grads, make_inputs
-from tests.ops.test_attention_varlen import packed
+from tests.ops.test_attention import check_padded, grads, make_inputs
+from tests.ops.test_attention_varlen import check_varlen, packed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,13 +63,10 @@ def test_attention_parity(ext, case, dtype):
     out = fastlm.attention(*inputs, causal=causal, key_padding_mask=mask, backend="cuda")
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     # The forward is the CUDA kernel's, bit for bit.
-    direct, _ = ext.attention(q.detach(), k.detach(), v.detach(), mask, None, causal)
+    scale = default_softmax_scale(d)
+    direct, _ = ext.attention(q.detach(), k.detach(), v.detach(), mask, scale, causal)
     assert torch.equal(out, direct)
-    dout = torch.randn_like(out)
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention(q, k, v, causal, mask, upcast=upcast),
-    )  # fmt: skip
+    check_padded(out, inputs, torch.randn_like(out), causal, mask)
 
 
 VARLEN_CASES = [
@@ -88,14 +86,26 @@ def test_attention_varlen_parity(ext, case, dtype):
         *inputs, cu_q, cu_k, max(lq), max(lk), causal=causal, backend="cuda"
     )
     direct, _ = ext.attention_varlen(
-        q.detach(), k.detach(), v.detach(), cu_q, cu_k, max(lq), max(lk), None, causal
-    )
-    assert torch.equal(out, direct)
-    dout = torch.randn_like(out)
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention_varlen(q, k, v, cu_q, cu_k, causal, upcast=upcast),
+        q.detach(), k.detach(), v.detach(), cu_q, cu_k, max(lq), max(lk),
+        default_softmax_scale(d), causal,
     )  # fmt: skip
+    assert torch.equal(out, direct)
+    check_varlen(out, inputs, torch.randn_like(out), cu_q, cu_k, causal)
+
+
+@pytest.mark.parametrize(
+    "offsets", [[0, 1000, 8], [-5, 2, 8], [0, 6, 2, 8], [0, 3, 5], [0, 1, 8]], ids=str
+)
+def test_varlen_invalid_offsets_give_nan(ext, offsets):
+    # Unchecked on CUDA (no host sync): the offsets are clamped before the kernel reads
+    # them and the output is NaN, the documented result; never an illegal memory access.
+    q = torch.randn(8, 2, 64, device=DEV, dtype=torch.float16)
+    bad = torch.tensor(offsets, dtype=torch.int32, device=DEV)
+    good = torch.tensor([0, 4, 8] if len(offsets) == 3 else [0, 2, 4, 8], device=DEV).int()
+    for cu_q, cu_k in ((bad, good), (good, bad)):
+        out = fastlm.attention_varlen(q, q, q, cu_q, cu_k, 4, 4, backend="cuda")
+        assert torch.isnan(out).all()
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=_ids)
@@ -131,10 +141,7 @@ def test_strided_inputs_and_mask(ext, layout):
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fastlm.attention(*inputs, key_padding_mask=mask, causal=True, backend="cuda")
     dout = torch.randn(b, h, s, d, device=DEV, dtype=dtype).transpose(1, 2)  # strided dO
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention(q, k, v, True, mask, upcast=upcast),
-    )  # fmt: skip
+    check_padded(out, inputs, dout, True, mask)
 
 
 def test_backward_without_triton_uses_reference(ext, monkeypatch):
@@ -155,11 +162,7 @@ def test_backward_without_triton_uses_reference(ext, monkeypatch):
     q, k, v, mask = make_inputs(3, 33, 40, 4, 2, 128, torch.bfloat16, DEV, pad=True)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     out = fastlm.attention(*inputs, causal=True, key_padding_mask=mask, backend="cuda")
-    dout = torch.randn_like(out)
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention(q, k, v, True, mask, upcast=upcast),
-    )  # fmt: skip
+    check_padded(out, inputs, torch.randn_like(out), True, mask)
 
 
 # ------------------------------------------------------------------ limits and dispatch
@@ -190,8 +193,11 @@ def test_automatic_choice_falls_back_for_dropout(ext, monkeypatch):
     # Put cuda first, as a dispatch table measuring it faster would.
     monkeypatch.setattr(dispatch_table, "preferred_order", lambda op: ("cuda", "triton", "torch"))
     q, k, v, _ = make_inputs(2, 9, 9, 2, 2, 64, torch.float16, DEV)
-    assert backends.choose(A.OP, DEV, None, A.limits(A.OP, q, k, v, 2, 0.0)) == "cuda"
-    assert backends.choose(A.OP, DEV, None, A.limits(A.OP, q, k, v, 2, 0.1)) == "triton"
+    for p, chosen in ((0.0, "cuda"), (0.1, "triton")):
+        call = AttentionCall.checked(
+            q, k, v, causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=p
+        )
+        assert backends.choose(OP, call, BACKENDS) == chosen
     out = fastlm.attention(q, k, v, dropout_p=0.1)  # runs on triton, with dropout
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, fastlm.attention(q, k, v, backend="cuda"))
@@ -219,5 +225,5 @@ def test_compile_fullgraph(ext):
 def test_opcheck(ext):
     q, k, v, mask = make_inputs(2, 5, 7, 4, 2, 64, torch.float16, DEV, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    args = (q, k, v, mask, None, None, None, 5, 7, True, 0.125, 0.0, "cuda")
-    torch.library.opcheck(A._attention_fwd, args)
+    args = (q, k, v, mask, None, None, 5, 7, True, 0.125, 0.0, None, "cuda")
+    torch.library.opcheck(_op.attention_fwd, args)

@@ -1,10 +1,15 @@
-"""fastlm.attention: Triton kernels (interpreter on CPU) and torch backend vs the reference.
+"""fastlm.attention on every backend (Triton through the interpreter on CPU, torch = SDPA,
+reference) against two fp64 oracles: fastlm.reference and PyTorch's own
+F.scaled_dot_product_attention (math backend) with an explicit bottom-right causal mask
+built here, independently of fastlm. The low-precision baseline of the parity rule is SDPA
+math in the input dtype, never fastlm's code. softmax_scale is not passed unless a test is
+about it, so the oracles' own default (SDPA's 1/sqrt(D)) checks fastlm's.
 
-Full cross product of seq x head_dim x batch x heads x mask x dtype is far beyond the
-interpreter's budget, so the cases below cover it pairwise: every seq length (1, 17, 128,
-257, with Sq != Sk too), head_dim (32, 64, 80, 128), batch (1, 3), head layout (1, 4,
-GQA 4:2, MQA 4:1) and mask mode (none, causal, padding, both) appears, each pair of
-values of two factors in at least one case, for fp32 and fp16 (bf16 on GPU only).
+The full cross product of seq x head_dim x batch x heads x mask x dtype is far beyond the
+interpreter's budget, so the cases cover it pairwise: every seq length (1, 17, 127, 257,
+with Sq != Sk too), head_dim (32, 64, 80, 128), batch (1, 3), head layout (1, 4, GQA 4:2,
+MQA 4:1) and mask mode (none, causal, padding, both) appears, each pair of values of two
+factors in at least one case, for fp32 and fp16 (bf16 on GPU only).
 """
 
 from __future__ import annotations
@@ -13,26 +18,30 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastlm
 from fastlm import backends
 from fastlm.backends import BackendUnavailableError
-from fastlm.ops import attention as A
+from fastlm.ops.attention import AttentionCall, _cuda, _op, _triton, draw_seed
 from fastlm.reference import attention as ref
 from tests.parity import assert_parity, max_err
+
+BACKENDS = ["triton", "torch", "reference"]
 
 # (B, Sq, Sk, H, Hkv, D, causal, padding)
 CASES = [
     (1, 1, 1, 1, 1, 32, False, False),
     (3, 17, 17, 4, 4, 64, True, True),
-    (1, 128, 128, 4, 2, 80, True, False),
-    (3, 17, 128, 4, 1, 128, False, True),
+    (1, 127, 127, 4, 2, 80, True, False),
+    (3, 17, 127, 4, 1, 128, False, True),
     (1, 257, 257, 1, 1, 64, False, True),
-    (3, 128, 17, 4, 2, 32, True, True),  # Sq > Sk: causal leaves early rows empty
+    (3, 127, 17, 4, 2, 32, True, True),  # Sq > Sk: causal leaves early rows empty
     (3, 1, 257, 1, 1, 80, True, False),
-    (1, 257, 128, 1, 1, 128, True, True),
+    (1, 257, 127, 1, 1, 128, True, True),
     (3, 17, 1, 4, 1, 64, False, False),
-    (1, 128, 257, 4, 4, 32, False, False),
+    (1, 127, 257, 4, 4, 32, False, False),
 ]
 
 
@@ -63,34 +72,63 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-def check_against_reference(
-    actual_out, actual_grads, inputs, dout, ref_fn, names=("dq", "dk", "dv")
-):
-    """Parity of the output and every gradient: fp64 oracle on upcast inputs; fp16/bf16
-    baseline = the reference computed in the low dtype (no upcast)."""
-    hi = [t.detach().double().requires_grad_() for t in inputs]
-    oracle = ref_fn(*hi, upcast=True)
-    oracle_grads = grads(oracle, hi, dout.double())
+# ------------------------------------------------------------------ the independent oracle
+
+
+def sdpa(q, k, v, causal=False, key_padding_mask=None, softmax_scale=None):
+    """PyTorch's SDPA (math backend) on (B, S, H, D) tensors, computed in their dtype.
+    The causal mask is built here, bottom-right aligned (tril with offset Sk - Sq)."""
+    sq, sk = q.shape[1], k.shape[1]
+    allowed = None
+    if causal:
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        allowed = pad if allowed is None else allowed & pad
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+            scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
+        )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def check_parity(actual_out, actual_grads, inputs, dout, oracles, baseline_fn):
+    """Parity of the output and every gradient against each fp64 oracle (name -> fn of
+    q, k, v); fp16/bf16 baseline = ``baseline_fn`` (PyTorch) in the input dtype."""
     baseline, baseline_grads = None, [None] * len(inputs)
-    if actual_out.dtype != torch.float32:
-        lo = [t.detach().clone().requires_grad_() for t in inputs]
-        baseline = ref_fn(*lo, upcast=False)
-        baseline_grads = grads(baseline, lo, dout)
-    assert_parity(actual_out, oracle, baseline, name="out")
-    # dS = P * (dP - delta) cancels: with one visible key dq and dk are exactly 0 while dP
-    # and delta are two D-term fp32 dot products of |dO| |V| size. Low precision may then
-    # miss 0 by fp32 rounding at that magnitude, far below the rounding floor of the rule.
     cancel = None
     if actual_out.dtype != torch.float32:
+        lo = [t.detach().clone().requires_grad_() for t in inputs]
+        baseline = baseline_fn(*lo)
+        baseline_grads = grads(baseline, lo, dout)
+        # dS = P * (dP - delta) cancels: with one visible key dq and dk are exactly 0 while
+        # dP and delta are two D-term fp32 dot products of |dO| |V| size. Low precision may
+        # then miss 0 by fp32 rounding at that magnitude, far below the rule's floor.
         v = inputs[-1]
-        cancel = (
-            v.shape[-1]
-            * torch.finfo(torch.float32).eps
-            * dout.abs().max().item()
-            * v.abs().max().item()
-        )
-    for name, g, o, bl in zip(names, actual_grads, oracle_grads, baseline_grads):
-        assert_parity(g, o, bl, name=name, atol=cancel)
+        eps32 = torch.finfo(torch.float32).eps
+        cancel = v.shape[-1] * eps32 * dout.abs().max().item() * v.abs().max().item()
+    for oracle_name, fn in oracles.items():
+        hi = [t.detach().double().requires_grad_() for t in inputs]
+        oracle = fn(*hi)
+        oracle_grads = grads(oracle, hi, dout.double())
+        assert_parity(actual_out, oracle, baseline, name=f"out vs {oracle_name}")
+        for name, g, o, bl in zip(("dq", "dk", "dv"), actual_grads, oracle_grads, baseline_grads):
+            assert_parity(g, o, bl, name=f"{name} vs {oracle_name}", atol=cancel)
+
+
+def check_oracles(out, inputs, dout, with_ref, with_sdpa):
+    """check_parity against fastlm.reference and SDPA, SDPA also the low-precision baseline."""
+    oracles = {"reference": with_ref, "SDPA": with_sdpa}
+    check_parity(out, grads(out, inputs, dout), inputs, dout, oracles, with_sdpa)
+
+
+def check_padded(out, inputs, dout, causal, mask, softmax_scale=None):
+    check_oracles(
+        out, inputs, dout,
+        lambda q, k, v: ref.attention(q, k, v, causal, mask, softmax_scale),
+        lambda q, k, v: sdpa(q, k, v, causal, mask, softmax_scale),
+    )  # fmt: skip
 
 
 def run_case(case, dtype, device, backend):
@@ -99,24 +137,44 @@ def run_case(case, dtype, device, backend):
     inputs = [t.requires_grad_() for t in (q, k, v)]
     out = fastlm.attention(*inputs, causal=causal, key_padding_mask=mask, backend=backend)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
-    dout = torch.randn_like(out)
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention(q, k, v, causal, mask, upcast=upcast),
-    )  # fmt: skip
+    check_padded(out, inputs, torch.randn_like(out), causal, mask)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_triton_parity(case, dtype, device):
-    run_case(case, dtype, device, "triton")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity(backend, case, dtype, device):
+    run_case(case, dtype, device, backend)
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=_id)
-def test_torch_backend_parity(case, dtype, device):
-    run_case(case, dtype, device, "torch")
+@pytest.mark.parametrize(
+    "case",
+    [(3, 17, 9, 4, 2, 16, True, True), (2, 5, 12, 4, 1, 8, True, True), (1, 9, 9, 2, 2, 16, True, False)],
+    ids=_id,
+)  # fmt: skip
+def test_oracles_agree(case):
+    """fastlm.reference and SDPA math agree in fp64 (causal Sq != Sk, padding, GQA, default
+    scale): outputs and every gradient."""
+    b, sq, sk, h, hkv, d, causal, pad = case
+    q, k, v, mask = make_inputs(b, sq, sk, h, hkv, d, torch.float64, torch.device("cpu"), pad)
+    dout = torch.randn(b, sq, h, d, dtype=torch.float64)
+    results = []
+    for fn in (ref.attention, sdpa):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs, causal, mask)
+        results.append((out, *grads(out, inputs, dout)))
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale(backend, device):
+    q, k, v, _ = make_inputs(1, 17, 17, 2, 2, 64, torch.float32, device)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = fastlm.attention(*inputs, softmax_scale=0.3, backend=backend)
+    check_padded(out, inputs, torch.randn_like(out), False, None, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_are_zero_with_zero_grads(backend, device):
     # Batch 1 has every key padded; with causal and Sq > Sk the first Sq - Sk rows see nothing.
     b, sq, sk, h, d = 2, 20, 9, 2, 32
@@ -145,7 +203,7 @@ def test_large_logits(dtype_, device):
     inputs = [t.requires_grad_() for t in (q, k, v)]
     out = fastlm.attention(*inputs, causal=True, softmax_scale=1.0, backend="triton")
     hi = [t.detach().double().requires_grad_() for t in inputs]
-    oracle = ref.attention(*hi, True, None, 1.0)
+    oracle = sdpa(*hi, True, None, 1.0)
     scores = torch.einsum("bihd,bjhd->bhij", hi[0], hi[1])
     assert scores.abs().max() > 5e3
     assert torch.isfinite(out).all()
@@ -167,8 +225,9 @@ def test_large_logits(dtype_, device):
         )
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("layout", ["fused_qkv", "bhsd_transposed"])
-def test_strided_inputs(layout, dtype, device):
+def test_strided_inputs(layout, backend, dtype, device):
     b, s, h, d = 3, 17, 4, 32
     if layout == "fused_qkv":
         qkv = torch.randn(b, s, 3, h, d, device=device).to(dtype)
@@ -180,29 +239,17 @@ def test_strided_inputs(layout, dtype, device):
     assert not q.is_contiguous()
     mask = torch.arange(s, device=device)[None, :] < torch.tensor([s, 5, 1], device=device)[:, None]
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = fastlm.attention(*inputs, key_padding_mask=mask, causal=True, backend="triton")
+    out = fastlm.attention(*inputs, key_padding_mask=mask, causal=True, backend=backend)
     dout = torch.randn(b, h, s, d, device=device).to(dtype).transpose(1, 2)  # strided dO too
-    check_against_reference(
-        out, grads(out, inputs, dout), inputs, dout,
-        lambda q, k, v, upcast: ref.attention(q, k, v, True, mask, upcast=upcast),
-    )  # fmt: skip
+    check_padded(out, inputs, dout, True, mask)
 
 
 def test_strided_key_padding_mask(device):
     b, s, h, d = 2, 17, 2, 32
     q, k, v, _ = make_inputs(b, s, s, h, h, d, torch.float32, device)
-    wide = torch.rand(b, 2 * s, device=device) > 0.3
-    mask = wide[:, ::2]
+    mask = (torch.rand(b, 2 * s, device=device) > 0.3)[:, ::2]
     out = fastlm.attention(q, k, v, key_padding_mask=mask, backend="triton")
-    assert_parity(out, ref.attention(q.double(), k.double(), v.double(), False, mask), name="out")
-
-
-def test_default_scale_and_custom_scale(device):
-    q, k, v, _ = make_inputs(1, 17, 17, 2, 2, 64, torch.float32, device)
-    for scale in (None, 0.3):
-        out = fastlm.attention(q, k, v, softmax_scale=scale, backend="triton")
-        oracle = ref.attention(q.double(), k.double(), v.double(), False, None, scale)
-        assert_parity(out, oracle, name=f"out scale={scale}")
+    assert_parity(out, sdpa(q.double(), k.double(), v.double(), False, mask), name="out")
 
 
 # ------------------------------------------------------------------ backend choice
@@ -212,9 +259,14 @@ def test_head_dim_limits(device):
     q, k, v, _ = make_inputs(1, 5, 5, 1, 1, 8, torch.float32, device)
     with pytest.raises(BackendUnavailableError, match="head_dim 8 is outside"):
         fastlm.attention(q, k, v, backend="triton")
-    out = fastlm.attention(q, k, v, backend="torch")  # the reference has no head_dim limit
-    assert_parity(out, ref.attention(q.double(), k.double(), v.double()), name="out")
-    assert A.triton_head_dim_reason(256) is None and A.triton_head_dim_reason(257) is not None
+    out = fastlm.attention(q, k, v)  # the automatic choice serves it (torch on CPU)
+    assert_parity(out, sdpa(q.double(), k.double(), v.double()), name="out")
+    for d, ok in ((16, True), (256, True), (257, False)):
+        call = AttentionCall.checked(
+            *make_inputs(1, 1, 1, 1, 1, d, torch.float32, "meta")[:3],
+            causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=0.0,
+        )  # fmt: skip
+        assert (_triton.reason(call) is None) == ok
 
 
 def test_head_dim_256(device):
@@ -279,6 +331,8 @@ def test_bad_tensors(mutate, error, message, device):
         ),
         (dict(causal=1), TypeError, "causal must be a bool, got int"),
         (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be positive"),
+        (dict(softmax_scale=0.0), ValueError, "softmax_scale must be positive"),
+        (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be positive and finite"),
         (dict(softmax_scale="a"), TypeError, "softmax_scale must be a float"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
         (dict(dropout_p=None), TypeError, "dropout_p must be a float"),
@@ -292,6 +346,8 @@ def test_bad_arguments(kwargs, error, message, device):
             k: (v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
             for k, v in kwargs.items()
         }
+    if kwargs.get("backend") == "cuda" and device.type == "cuda":
+        pytest.skip("the cuda backend may serve this call on a GPU")
     with pytest.raises(error, match=message):
         fastlm.attention(*_ok(device), **kwargs)
 
@@ -299,11 +355,12 @@ def test_bad_arguments(kwargs, error, message, device):
 # ------------------------------------------------------------------ torch.compile, opcheck
 
 
-def test_compile_fullgraph_torch_backend(device):
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compile_fullgraph(backend, device):
     q, k, v, mask = make_inputs(2, 9, 11, 4, 2, 16, torch.float32, device, pad=True)
 
     def f(q, k, v):
-        return fastlm.attention(q, k, v, causal=True, key_padding_mask=mask, backend="torch")
+        return fastlm.attention(q, k, v, causal=True, key_padding_mask=mask, backend=backend)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     inputs = [t.requires_grad_() for t in (q, k, v)]
@@ -315,12 +372,12 @@ def test_compile_fullgraph_torch_backend(device):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend, device):
     q, k, v, mask = make_inputs(2, 5, 7, 4, 2, 16, torch.float32, device, pad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    args = (q, k, v, mask, None, None, None, 5, 7, True, 0.25, 0.0, backend)
-    torch.library.opcheck(A._attention_fwd, args)
+    args = (q, k, v, mask, None, None, 5, 7, True, 0.25, 0.0, None, backend)
+    torch.library.opcheck(_op.attention_fwd, args)
 
 
 # ------------------------------------------------------------------ cuda backend (CPU side)
@@ -330,6 +387,12 @@ def test_opcheck(backend, device):
 # reference forward produces the same (out, natural lse, +inf on empty rows) contract.
 
 CPU = torch.device("cpu")
+
+
+def _call(q, k, v, mask=None, dropout_p=0.0, causal=False, scale=None):
+    return AttentionCall.checked(
+        q, k, v, causal=causal, key_padding_mask=mask, softmax_scale=scale, dropout_p=dropout_p
+    )
 
 
 def test_cuda_backend_on_cpu_names_why():
@@ -345,27 +408,45 @@ def test_cuda_backend_on_cpu_names_why():
         fastlm.attention_varlen(q[0], k[0], v[0], cu, cu, 3, 3, backend="cuda")
 
 
-def test_cuda_grid_limits():
-    q = torch.empty(1, 1, 70000, 64, device="meta", dtype=torch.float16)
-    k = torch.empty(1, 1, 1, 64, device="meta", dtype=torch.float16)
-    limit = A.limits(A.OP, q, k, k, 1, 0.0)
-    assert "batch <= 65535 and heads <= 65535, got 1 and 70000" in limit("cuda")
-    assert limit("torch") is None
-    assert "got 70000 and 1" in A.cuda_reason(A.OP_VARLEN, k[0], k[0], k[0], 70000, 0.0)
+@pytest.mark.parametrize(
+    "shape, dtype, d, dropout_p, message",
+    [
+        ((1, 1, 70000), torch.float16, 64, 0.0, "batch <= 65535 and heads <= 65535, got 1 and 70000"),
+        ((70000, 1, 1), torch.float16, 64, 0.0, "got 70000 and 1"),
+        ((1, 1, 1), torch.float32, 64, 0.0, "take float16 or bfloat16, got float32"),
+        ((1, 1, 1), torch.float16, 32, 0.0, r"head_dim \(64, 128\), got 32"),
+        ((1, 1, 1), torch.float16, 64, 0.1, "no dropout, got dropout_p=0.1"),
+    ],
+)  # fmt: skip
+def test_cuda_limits(shape, dtype, d, dropout_p, message):
+    q = torch.empty(*shape, d, device="meta", dtype=dtype)
+    k = torch.empty(shape[0], 1, 1, d, device="meta", dtype=dtype)
+    assert re.search(message, _cuda.reason(_call(q, k, k, dropout_p=dropout_p)))
+
+
+def test_alignment_traces_under_compile():
+    # The cuda reason's alignment check must trace (fullgraph=True): data_ptr() cannot.
+    def f(q):
+        aligned = _call(q, q, q).aligned16()
+        return q * (2.0 if all(aligned) else 3.0)
+
+    q = torch.randn(1, 3, 2, 64, dtype=torch.float16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(q), q * 2.0)
+    assert _call(q[..., 1:65], q[..., 1:65], q[..., 1:65]).aligned16() == (False,) * 3
 
 
 def test_cuda_custom_op_refuses_dropout():
     q, k, v, _ = make_inputs(1, 5, 5, 2, 2, 64, torch.float16, CPU)
-    args = (None, None, None, A.draw_seed(), 5, 5, False, 0.125, 0.1, "cuda")
+    args = (q, k, v, None, None, None, 5, 5, False, 0.125, 0.1, draw_seed(), "cuda")
     with pytest.raises(NotImplementedError, match=r"no dropout, got dropout_p=0\.1"):
-        A._attention_fwd(q, k, v, *args)
+        _op.attention_fwd(*args)
     with pytest.raises(NotImplementedError, match=r"no dropout, got dropout_p=0\.1"):
-        A._attention_bwd(q, q, k, v, q, q[..., 0].float(), *args)
+        _op.attention_bwd(q, q, q[..., 0].float(), *args)
 
 
 def _cuda_bwd_case(dtype, varlen):
-    """Inputs, the reference forward's (out, natural lse) and the reference callable: padded
-    with causal Sq > Sk and a fully padded sequence, or packed with an empty and a 1-key
+    """A call, the reference forward's (out, natural lse) and the oracles: padded with
+    causal Sq > Sk and a fully padded sequence, or packed with an empty and a 1-key
     sequence, so that some rows see no key (lse = +inf)."""
     if varlen:
         lq, lk = [7, 0, 9, 3], [4, 5, 9, 1]
@@ -375,34 +456,56 @@ def _cuda_bwd_case(dtype, varlen):
             torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
             for n in (lq, lk)
         )
-        args = (None, cu_q, cu_k, None, max(lq), max(lk), True, 0.125, 0.0)
 
-        def fn(q, k, v, upcast=True, return_lse=False):
-            return ref.attention_varlen(
-                q, k, v, cu_q, cu_k, True, 0.125, upcast=upcast, return_lse=return_lse
-            )
+        def make(q, k, v):
+            return AttentionCall.checked_varlen(
+                q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, softmax_scale=0.125,
+                dropout_p=0.0,
+            )  # fmt: skip
+
+        def with_ref(q, k, v):
+            return ref.attention_varlen(q, k, v, cu_q, cu_k, True, 0.125)
+
+        def with_sdpa(q, k, v):
+            return sdpa_varlen(q, k, v, cu_q, cu_k, True, 0.125)
     else:
         b, sq, sk = 2, 12, 7
         q, k, v, _ = make_inputs(b, sq, sk, 4, 2, 64, dtype, CPU)
         mask = torch.ones(b, sk, dtype=torch.bool)
         mask[1] = False
         mask[0, 2] = False
-        args = (mask, None, None, None, sq, sk, True, 0.125, 0.0)
 
-        def fn(q, k, v, upcast=True, return_lse=False):
-            return ref.attention(q, k, v, True, mask, 0.125, upcast=upcast, return_lse=return_lse)
+        def make(q, k, v):
+            return _call(q, k, v, mask, causal=True, scale=0.125)
 
-    out, lse = fn(q, k, v, return_lse=True)
+        def with_ref(q, k, v):
+            return ref.attention(q, k, v, True, mask, 0.125)
+
+        def with_sdpa(q, k, v):
+            return sdpa(q, k, v, True, mask, 0.125)
+
+    out, lse = _op.BACKENDS["reference"].forward(make(q, k, v), None)
     assert torch.isinf(lse).any() and (lse[torch.isinf(lse)] > 0).all()
-    return (q, k, v), out, lse.float().contiguous(), args, fn
+    return make(q, k, v), out, lse, {"reference": with_ref, "SDPA": with_sdpa}, with_sdpa
 
 
-def _check_cuda_bwd(inputs, out, lse, args, fn):
+def sdpa_varlen(q, k, v, cu_q, cu_k, causal=False, softmax_scale=None):
+    """The SDPA oracle sequence by sequence on packed tensors."""
+    spans = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])
+    outs = [
+        sdpa(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, None, softmax_scale)[0]
+        for q0, q1, k0, k1 in spans
+    ]
+    return torch.cat(outs, 0)
+
+
+def _check_cuda_bwd(call, out, lse, oracles, baseline):
     dout = torch.randn_like(out)
-    dq, dk, dv = A._bwd_impl(dout, *inputs, out, lse, *args, "cuda")
+    dq, dk, dv = _cuda.backward(call, None, dout, out, lse)
     for g in (dq, dk, dv):
         assert torch.isfinite(g).all()
-    check_against_reference(out, (dq, dk, dv), [t.requires_grad_() for t in inputs], dout, fn)
+    inputs = [t.requires_grad_() for t in (call.q, call.k, call.v)]
+    check_parity(out, (dq, dk, dv), inputs, dout, oracles, baseline)
     return dq
 
 
@@ -411,7 +514,7 @@ def test_cuda_backward_runs_triton_on_base2_lse(varlen, dtype, monkeypatch):
     from fastlm.kernels import attention_bwd as kbwd
     from fastlm.kernels.attention_common import LOG2E
 
-    inputs, out, lse, args, fn = _cuda_bwd_case(dtype, varlen)
+    call, out, lse, oracles, baseline = _cuda_bwd_case(dtype, varlen)
     seen = []
     real = kbwd.attention_bwd
 
@@ -420,7 +523,7 @@ def test_cuda_backward_runs_triton_on_base2_lse(varlen, dtype, monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(kbwd, "attention_bwd", spy)
-    dq = _check_cuda_bwd(inputs, out, lse, args, fn)
+    dq = _check_cuda_bwd(call, out, lse, oracles, baseline)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], lse * LOG2E, rtol=0, atol=0)
     empty = torch.isinf(lse)  # rows that saw no key: exactly zero dq
@@ -431,39 +534,17 @@ def test_cuda_backward_runs_triton_on_base2_lse(varlen, dtype, monkeypatch):
 def test_cuda_backward_without_triton_uses_reference(monkeypatch):
     from fastlm.kernels import attention_bwd as kbwd
 
-    inputs, out, lse, args, fn = _cuda_bwd_case(torch.float16, varlen=False)
+    call, out, lse, oracles, baseline = _cuda_bwd_case(torch.float16, varlen=False)
     real_reason = backends.device_reason
 
     def no_triton(backend, device):
-        return (
-            "triton is not importable (test)"
-            if backend == "triton"
-            else real_reason(backend, device)
-        )
+        if backend == "triton":
+            return "triton is not importable (test)"
+        return real_reason(backend, device)
 
     def forbidden(*a):
         raise AssertionError("the Triton backward must not run without Triton")
 
     monkeypatch.setattr(backends, "device_reason", no_triton)
     monkeypatch.setattr(kbwd, "attention_bwd", forbidden)
-    _check_cuda_bwd(inputs, out, lse, args, fn)
-
-
-def test_cuda_reason_traces_under_compile(monkeypatch):
-    # Under torch.compile the cuda limits must trace (fullgraph=True): _cuda_ext.op_reason
-    # reads data_ptr(), which Dynamo cannot trace, so it must not be reached.
-    from fastlm import _cuda_ext
-
-    def untraceable(*a, **kw):
-        raise AssertionError("_cuda_ext.op_reason reads data_ptr(): not under torch.compile")
-
-    monkeypatch.setattr(_cuda_ext, "op_reason", untraceable)
-
-    def f(q):
-        reason = A.cuda_reason(A.OP, q, q, q, 1, 0.0)
-        return q * (2.0 if reason is None else 3.0), reason
-
-    q = torch.randn(1, 3, 2, 64, dtype=torch.float16)
-    out, reason = torch.compile(f, fullgraph=True, backend="eager")(q)
-    assert reason == "the CUDA C++ kernels need CUDA tensors, got device 'cpu'"
-    torch.testing.assert_close(out, q * 3.0)
+    _check_cuda_bwd(call, out, lse, oracles, baseline)

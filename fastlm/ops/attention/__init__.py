@@ -1,0 +1,115 @@
+"""fastlm.attention and fastlm.attention_varlen: fused scaled dot-product attention.
+
+    attention(q, k, v)         q (B, Sq, H, D), k/v (B, Sk, Hkv, D)      -> (B, Sq, H, D)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                               q (total_q, H, D), k/v (total_k, Hkv, D)  -> (total_q, H, D)
+
+    S = scale * q k^T (scale defaults to 1/sqrt(D)),  P = softmax over the allowed keys,
+    O = (P * Z / (1 - p)) v        Z: the dropout keep-mask (all ones without dropout)
+
+Causal masks align bottom-right (query i sees keys j <= i + Sk - Sq, as FlashAttention
+2.1+); key_padding_mask is bool (B, Sk), True = attend; grouped-query attention when Hkv
+divides H (query head h reads kv head h // (H // Hkv)). Rows with no key to attend to
+give zeros and zero gradients. Math in fastlm.reference.attention.
+
+Dropout (dropout_p > 0): a seed is drawn from torch's default CPU generator per call, so
+a fixed torch.manual_seed reproduces the mask. The Triton kernels draw it with a
+counter-based RNG (keep element (b, h, i, j) from ((b * H + h) * Sq + i) * Sk + j and the
+seed); the reference backend with torch.rand; the torch backend is SDPA's own dropout.
+``dropout_mask`` materialises the first two for tests.
+
+Layout of this folder (the same for every op):
+    call.py        the call record (AttentionCall) and all argument checks
+    _op.py         the custom ops (fake + autograd) that run the kernel backends
+    _triton.py _cuda.py _torch.py _reference.py   one file per backend, each with
+                   reason(call) -> str | None (all its limits) and its implementation
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlm import backends
+from fastlm.ops.attention._op import BACKENDS, draw_seed, dropout_mask, run
+from fastlm.ops.attention.call import OP, OP_VARLEN, AttentionCall
+
+__all__ = [
+    "BACKENDS",
+    "OP",
+    "OP_VARLEN",
+    "AttentionCall",
+    "attention",
+    "attention_varlen",
+    "draw_seed",
+    "dropout_mask",
+]
+
+
+def _serve(call: AttentionCall, backend: str | None) -> torch.Tensor:
+    chosen = backends.choose(call.op, call, BACKENDS, backend)
+    impl = BACKENDS[chosen]
+    if getattr(impl, "NATIVE", False):
+        return impl.run(call)
+    return run(call, chosen)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q (B, Sq, H, D), k/v (B, Sk, Hkv, D).
+
+    Inputs may have any strides with a contiguous last dim (views of a fused QKV
+    projection or of (B, H, S, D) tensors transposed to (B, S, H, D) work without copies).
+    ``causal`` aligns bottom-right; ``key_padding_mask`` bool (B, Sk), True = attend;
+    ``softmax_scale`` defaults to 1/sqrt(D) and must be positive and finite;
+    ``dropout_p`` > 0 applies dropout to the attention probabilities (pass 0 in eval).
+    fp16, bf16, fp32. Returns (B, Sq, H, D) contiguous in q's dtype.
+    """
+    call = AttentionCall.checked(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+        softmax_scale=softmax_scale, dropout_p=dropout_p,
+    )  # fmt: skip
+    return _serve(call, backend)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences: q (total_q, H, D), k/v (total_k, Hkv, D).
+
+    Sequence b holds tokens cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (likewise k/v) and
+    attends only within itself. cu_seqlens_* are int32 (batch + 1,) on q's device, any
+    stride; max_seqlen_* bound the lengths. Returns (total_q, H, D) contiguous.
+
+    The values must start at 0, be non-decreasing, end at the token count and have no
+    step above max_seqlen. They are checked where that costs no host sync: on CPU tensors
+    (ValueError) and under torch.compile (a device-side assert). On CUDA tensors in eager
+    mode they are not checked (that would be a host sync per call); there the kernels
+    clamp every sequence into the tensors, so wrong values never read or write outside
+    q, k, v or the output, and the defined result of invalid values is NaN in every
+    element of the output (and of the gradients).
+    """
+    call = AttentionCall.checked_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+    )  # fmt: skip
+    return _serve(call, backend)

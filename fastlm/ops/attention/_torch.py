@@ -1,0 +1,139 @@
+"""Attention by PyTorch's own F.scaled_dot_product_attention (SDPA), with PyTorch's autograd.
+
+The fast path on CPU tensors and the fallback on CUDA: no custom op, and SDPA picks its
+fastest kernel (flash / memory-efficient / cuDNN / the CPU flash kernel) for the call. It
+serves every valid call; what SDPA does differently from fastlm is adapted here:
+
+* causal with Sq != Sk: SDPA's ``is_causal`` is aligned top-left, fastlm's bottom-right
+  (query i sees key j iff j <= i + Sk - Sq), so such calls pass an explicit bool mask;
+  ``is_causal`` is used only where the two agree (Sq == Sk, no padding mask);
+* a query row with no key to attend to (every key padded, or i + Sk - Sq < 0) returns
+  zeros and zero gradients: the row is given every key (so no backend sees an all -inf row
+  and produces NaN) and its output is zeroed, which also zeroes its gradients;
+* grouped-query attention through SDPA's ``enable_gqa`` (no copies of k and v);
+* dropout through SDPA's ``dropout_p`` (its mask comes from torch's generator).
+
+Packed (varlen) calls never compute padding on CPU: the sequences run one by one (reading
+cu_seqlens on the host is free there). On CUDA, and under torch.compile, reading
+cu_seqlens would be a host sync (or a graph break), so the sequences are scattered into a
+zero-padded (B, max_seqlen, H, D) batch with index arithmetic on the device and run as one
+masked SDPA call: sync-free and traceable, at the price of the padding's FLOPs. This is a
+fallback only: the Triton and CUDA kernels serve packed CUDA calls without padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from fastlm.ops.attention.call import AttentionCall, cu_seqlens_invalid
+from fastlm.reference.attention import allowed_mask
+
+# run(call) gives the result with PyTorch's autograd: no custom op or backward of ours.
+NATIVE = True
+
+
+def reason(call: AttentionCall) -> str | None:
+    return None
+
+
+def run(call: AttentionCall) -> torch.Tensor:
+    if not call.varlen:
+        return _padded(call, call.q, call.k, call.v, call.key_padding_mask)
+    if call.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _varlen_by_sequence(call)
+    return _varlen_padded(call)
+
+
+def _sdpa(
+    call: AttentionCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA on (B, S, H, D) operands -> (B, Sq, H, D); rows with no allowed key give 0."""
+    empty = None
+    if allowed is not None:
+        empty = ~allowed.any(-1, keepdim=True)
+        allowed = allowed | empty
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=allowed,
+        dropout_p=call.dropout_p,
+        is_causal=is_causal,
+        scale=call.softmax_scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out.transpose(1, 2)
+
+
+def _padded(call, q, k, v, key_padding_mask) -> torch.Tensor:
+    sq, sk = q.shape[1], k.shape[1]
+    if call.causal and sq == sk and key_padding_mask is None:
+        return _sdpa(call, q, k, v, None, is_causal=True).contiguous()
+    allowed = allowed_mask(sq, sk, call.causal, key_padding_mask, q.device)
+    return _sdpa(call, q, k, v, allowed).contiguous()
+
+
+def _varlen_by_sequence(call: AttentionCall) -> torch.Tensor:
+    """CPU: one SDPA call per sequence, no padding computed."""
+    q, k, v = call.q, call.k, call.v
+    spans_q = itertools.pairwise(call.cu_seqlens_q.tolist())
+    spans_k = itertools.pairwise(call.cu_seqlens_k.tolist())
+    outs = [
+        _padded(call, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None)[0]
+        for (q0, q1), (k0, k1) in zip(spans_q, spans_k)
+    ]
+    return torch.cat(outs, 0)
+
+
+def _positions(cu: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """For each packed token t, the row b * max_seqlen + i of its slot in the padded batch
+    (sequence b, position i). Tokens outside every sequence or past max_seqlen (possible
+    only with bad cu_seqlens on CUDA, where the values are not checked) get the spare row
+    B * max_seqlen, so no index is ever out of range."""
+    batch = cu.numel() - 1
+    tok = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    pos = tok - cu[seq.clamp(max=batch - 1)]
+    valid = (seq < batch) & (pos >= 0) & (pos < max_seqlen)
+    return torch.where(valid, seq * max_seqlen + pos, batch * max_seqlen)
+
+
+def _to_padded(x: torch.Tensor, rows: torch.Tensor, batch: int, max_seqlen: int) -> torch.Tensor:
+    """Packed (total, H, D) -> zero-padded (B, max_seqlen, H, D), differentiable."""
+    padded = x.new_zeros((batch * max_seqlen + 1, *x.shape[1:])).index_copy(0, rows, x)
+    return padded[:-1].view(batch, max_seqlen, *x.shape[1:])
+
+
+def _varlen_padded(call: AttentionCall) -> torch.Tensor:
+    """CUDA / torch.compile: scatter into a padded batch on the device, one SDPA call,
+    gather back; sync-free. Bad cu_seqlens (unchecked on CUDA) give NaN everywhere."""
+    b, lq, lk = call.batch, call.max_seqlen_q, call.max_seqlen_k
+    total_q, total_k = call.q.shape[0], call.k.shape[0]
+    rows_q = _positions(call.cu_seqlens_q, total_q, lq)
+    rows_k = _positions(call.cu_seqlens_k, total_k, lk)
+    q = _to_padded(call.q, rows_q, b, lq)
+    k = _to_padded(call.k, rows_k, b, lk)
+    v = _to_padded(call.v, rows_k, b, lk)
+    len_q = (call.cu_seqlens_q[1:] - call.cu_seqlens_q[:-1])[:, None, None, None]
+    len_k = (call.cu_seqlens_k[1:] - call.cu_seqlens_k[:-1])[:, None, None, None]
+    i = torch.arange(lq, device=q.device)[:, None]
+    j = torch.arange(lk, device=q.device)[None, :]
+    allowed = j < len_k
+    if call.causal:
+        allowed = allowed & (j <= i + (len_k - len_q))
+    out = _sdpa(call, q, k, v, allowed).reshape(b * lq, *call.q.shape[1:])
+    out = F.pad(out, (0, 0, 0, 0, 0, 1))[rows_q]  # the spare row (zeros) for stray tokens
+    bad = cu_seqlens_invalid(call.cu_seqlens_q, total_q, lq) | cu_seqlens_invalid(
+        call.cu_seqlens_k, total_k, lk
+    )
+    return torch.where(bad, float("nan"), out).contiguous()
