@@ -32,6 +32,7 @@ from fastlm.kernels.attention_common import (
     LOG2E,
     configs,
     dropout_keep,
+    flat_grid,
     head_block,
     kv_block_range,
     layout_strides,
@@ -41,6 +42,7 @@ from fastlm.kernels.attention_common import (
     q_block_range,
     seq_bounds,
     seq_bucket,
+    split_pid,
     store_rows,
 )
 
@@ -64,9 +66,8 @@ def _bwd_preprocess_kernel(
     H, seq_q,
     IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """delta[b, h, i] = rowsum(dO * O) in fp32. Grid (cdiv(Sq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """delta[b, h, i] = rowsum(dO * O) in fp32. Grid (cdiv(Sq, BLOCK_M) * B * H,)."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     q_start, q_len, _, _ = seq_bounds(CU_Q, CU_Q, b, seq_q, seq_q, IS_VARLEN)
@@ -142,9 +143,8 @@ def _bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B * Hkv)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sk, BLOCK_N) * B * Hkv,)."""
+    pid_n, pid_bh = split_pid(tl.cdiv(seq_k, BLOCK_N))
     hkv = H // GROUP
     b = pid_bh // hkv
     hk = pid_bh % hkv
@@ -249,9 +249,8 @@ def _bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sq, BLOCK_M) * B * H,)."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -326,7 +325,7 @@ def attention_bwd(
     delta = torch.empty_like(lse)
     block_d = head_block(head_dim)
     pre_block = 32
-    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block), batch * heads)](
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block) * batch * heads,)](
         out, dout, delta, cu_seqlens_q if varlen else lse,
         *layout_strides(out, varlen), *layout_strides(dout, varlen), *lse_strides(lse, varlen),
         heads, max_seqlen_q,
@@ -353,13 +352,13 @@ def attention_bwd(
         *layout_strides(v, varlen),
     )
 
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * k.shape[-2])](
+    _bwd_dkdv_kernel[flat_grid(max_seqlen_k, batch * k.shape[-2], "BLOCK_N")](
         q, k, v, dout, dk, dv, lse, delta, kpm, cu_q, cu_k,
         *qkv_strides, *layout_strides(dout, varlen),
         *layout_strides(dk, varlen), *layout_strides(dv, varlen), *lse_strides(lse, varlen),
         *mask_strides, *scalars, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads)](
+    _bwd_dq_kernel[flat_grid(max_seqlen_q, batch * heads, "BLOCK_M")](
         q, k, v, dout, dq, lse, delta, kpm, cu_q, cu_k,
         *qkv_strides, *layout_strides(dout, varlen), *layout_strides(dq, varlen),
         *lse_strides(lse, varlen), *mask_strides, *scalars, **common,

@@ -38,6 +38,7 @@ from fastlm.kernels.attention_common import (
     LOG2E,
     configs,
     dropout_keep,
+    flat_grid,
     head_block,
     kv_block_range,
     layout_strides,
@@ -46,6 +47,7 @@ from fastlm.kernels.attention_common import (
     prune_by_smem,
     seq_bounds,
     seq_bucket,
+    split_pid,
     store_rows,
 )
 
@@ -122,10 +124,10 @@ def _attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sq or max_seqlen_q, BLOCK_M), B * H). seq_q/seq_k: Sq/Sk or the max
-    seqlens (they also key the dropout counters); seq_bucket only keys the autotuner."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sq or max_seqlen_q, BLOCK_M) * B * H,), see split_pid. seq_q/seq_k: Sq/Sk
+    or the max seqlens (they also key the dropout counters); seq_bucket only keys the
+    autotuner."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -205,10 +207,7 @@ def attention_fwd(
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads)
-
-    _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[flat_grid(max_seqlen_q, batch * heads, "BLOCK_M")](
         q, k, v, out, lse, kpm, cu_q, cu_k,
         *layout_strides(q, varlen), *layout_strides(k, varlen), *layout_strides(v, varlen),
         *layout_strides(out, varlen), *lse_strides(lse, varlen),
