@@ -14,14 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (
-    Results,
-    bench_or_none,
-    fastlm_backends,
-    line_plot,
-    parse_args,
-    require_gpu,
-)
+from benchmarks import harness
 
 
 def _impls(device, with_compile=True):
@@ -32,7 +25,8 @@ def _impls(device, with_compile=True):
 
     x = torch.randn(2, 64, device=device)
     impls = {
-        f"fastlm-{name}": fast(name) for name in fastlm_backends(lambda bk: fast(bk)(x, None, None))
+        f"fastlm-{name}": fast(name)
+        for name in harness.fastlm_backends(lambda bk: fast(bk)(x, None, None))
     }
     eager = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
     impls["torch"] = eager
@@ -53,9 +47,9 @@ def run(res, impls, m, ns, dtypes, device="cuda", timer=None) -> None:
             nbytes = x.numel() * x.element_size()
             base = {}
             for name, fn in impls.items():
-                fwd = bench_or_none(lambda fn=fn: fn(x, w, b), timer=timer)
+                fwd = harness.bench_or_none(lambda fn=fn: fn(x, w, b), timer=timer)
                 y = fn(x, w, b)
-                bwd_total = bench_or_none(
+                bwd_total = harness.bench_or_none(
                     lambda y=y: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True),
                     timer=timer,
                 )
@@ -81,14 +75,16 @@ def headline(res, device, timer=None, dry=False, budget=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    require_gpu("bench_layer_norm")
-    args = parse_args(__doc__, argv)
-    res = Results("layer_norm", args.out)
+    harness.require_gpu("bench_layer_norm")
+    args = harness.parse_args(__doc__, argv)
+    res = harness.Results("layer_norm", args.out)
     ns = [1024, 4096, 16384] if args.quick else [768, 1024, 2048, 4096, 8192, 12288, 16384]
     dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16, torch.float32]
     run(res, _impls(torch.device("cuda")), 4096, ns, dtypes)
     rows = [r for r in res.rows if r["pass"] == "fwd" and r["dtype"] == "float16"]
-    res.save(plot=line_plot(rows, "N", "gbps", "impl", "LayerNorm forward, fp16, M=4096 (GB/s)"))
+    res.save(
+        plot=harness.line_plot(rows, "N", "gbps", "impl", "LayerNorm forward, fp16, M=4096 (GB/s)")
+    )
 
 
 if __name__ == "__main__":
