@@ -12,7 +12,8 @@
   on the row bounds and the head-dim padding.
 * ``kv_block_range`` / ``q_block_range``: which key blocks a query block must visit (and
   which of them need no causal or bounds mask), and the converse for the dk/dv kernel.
-* launcher helpers: layout strides, the config lists (one config under the interpreter).
+* launcher helpers: layout strides, the config lists (one config under the interpreter) and
+  their pruning by shared memory and registers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastlm.kernels._autotune import regs_per_thread
 
 LOG2E = 1.4426950408889634
 
@@ -209,21 +211,62 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elt: int) 
 
 SMEM_LIMIT = 232448  # bytes one block may opt in to on H100 (227 KB)
 
+# Estimated registers per thread (tile_regs) above which a config spills on sm_90, per
+# kernel. Fitted to the sm_90 compile of every config at head dims 64, 80 and 128 (fp16,
+# each flag variant), which tests/kernels/test_sm90_compile.py repeats: it fails if a kept
+# config spills. Seen there: fwd hd64 128x128x8w (32 B) and hd128 128x128x8w (160 B);
+# dk/dv at hd128 on every config but 16x64x8w (8-664 B, 255 registers); dq never.
+REG_BUDGET = {"fwd": 160, "dkdv": 128, "dq": 255}
 
-def prune_by_smem(configs, named_args, **kwargs):
-    """early_config_prune: drop configs whose tiles overflow an H100 block's shared memory
-    at this head dim and dtype (always keeping the smallest). On GPUs with less (A100: 163
-    KB) the autotuner skips the rest as OutOfResources, an infinitely slow config."""
-    args = {**named_args, **kwargs}
-    block_d = args["BLOCK_D"]
-    elt = 4 if args["Q"].dtype == torch.float32 else 2
-    fits = [
-        c for c in configs
-        if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elt) <= SMEM_LIMIT
-    ]  # fmt: skip
-    if fits:
-        return fits
-    return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+def tile_regs(kind: str, config, block_d: int, elt: int, dropout: bool, padded_d: bool) -> float:
+    """Estimated registers per thread of an attention config: fp32 accumulators (o for fwd
+    and dq; dk and dv for dkdv) and [BLOCK_M, BLOCK_N] score tiles (S, P and the exp/mask
+    temporaries; the keep-mask with dropout), the resident rows (q for fwd; k and v for
+    dkdv; q and dO for dq) and a quarter of the rows streamed per step (k, v; or q, dO for
+    dkdv). A head dim below BLOCK_D (80 -> 128) costs its column masks."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    acc_rows, resident_rows, streamed_rows = {
+        "fwd": (bm, bm, 2 * bn),
+        "dkdv": (2 * bn, 2 * bn, 2 * bm),
+        "dq": (bm, 2 * bm, 2 * bn),
+    }[kind]
+    acc = acc_rows * block_d * (1.125 if padded_d else 1.0)
+    tiles = bm * bn * (2.25 if dropout else 1.75)
+    operands = (resident_rows + streamed_rows / 4) * block_d
+    return regs_per_thread(acc + tiles, operands, config.num_warps, elt)
+
+
+def pruner(kind: str):
+    """early_config_prune for the ``kind`` kernel ("fwd", "dkdv", "dq"): drop configs whose
+    tiles overflow an H100 block's shared memory or exceed the register budget at this head
+    dim, dtype and flags. Always keeps one (the smallest estimate). fp32 computes its dots
+    on FMA units (true fp32, no tensor cores) and spills at every tile shape on sm_90: it
+    keeps only the smallest. Order is kept: the first survivor is FASTLM_AUTOTUNE=0's pick.
+    On GPUs with less shared memory (A100: 163 KB) the autotuner skips the rest as
+    OutOfResources, an infinitely slow config."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d = args["BLOCK_D"]
+        fp32 = args["Q"].dtype == torch.float32
+        elt = 4 if fp32 else 2
+        padded = args.get("HEAD_DIM", block_d) != block_d
+
+        def regs(c):
+            return tile_regs(kind, c, block_d, elt, bool(args.get("HAS_DROPOUT")), padded)
+
+        def fits(c):
+            kw = c.kwargs
+            smem = smem_bytes(kw["BLOCK_M"], kw["BLOCK_N"], block_d, c.num_stages, elt)
+            return smem <= SMEM_LIMIT and regs(c) <= REG_BUDGET[kind]
+
+        smallest = min(configs, key=regs)
+        if fp32:
+            return [smallest]
+        return [c for c in configs if fits(c)] or [smallest]
+
+    return prune
 
 
 def configs(gpu: list[tuple[int, int, int, int]], interp_block_m: int, interp_block_n: int):
