@@ -226,31 +226,36 @@ def headline(res, device, timer=None, dry=False, budget=None) -> None:
     (callable -> bool) is asked before each shape: False stops the grid."""
     more = budget or (lambda: True)
     passes = ("fwd", "fwd+bwd")
+    low = torch.float32 if dry else torch.float16
+    # (grid, B, S, H, D, causal, dtype); "padding": the 40%-padded batch (fp16, non-causal).
     if dry:
-        grid = [(2, 33, 2, 32, c, torch.float32) for c in (False, True)]
-        bert = [(2, 17)]
-    else:
-        grid = [(16384 // s, s, 16, 128, c, dt) for dt in (torch.float16, torch.bfloat16)
-                for s in (4096, 8192) for c in (False, True)]  # fmt: skip
-        bert = [(32, 128), (32, 512)]
+        shapes = [("flash", 2, 33, 2, 32, c, low) for c in (False, True)]
+        shapes += [("bert", 2, 17, 2, 32, False, low), ("padding", 2, 17, 2, 32, False, None)]
+    else:  # S 4096 first, then the cheap BERT rows, then S 8192: each kind gets measured
+        shapes = [
+            ("flash", 4, 4096, 16, 128, c, dt)
+            for c in (False, True)
+            for dt in (low, torch.bfloat16)
+        ]
+        shapes += [("bert", 32, 128, 12, 64, False, low), ("bert", 32, 512, 12, 64, False, low)]
+        shapes += [("padding", 32, 512, 12, 64, False, None)]
+        shapes += [
+            ("flash", 2, 8192, 16, 128, c, dt)
+            for c in (False, True)
+            for dt in (low, torch.bfloat16)
+        ]
     sdpa = ("sdpa-flash",) if dry else HEADLINE_SDPA
-    for b, s, h, d, causal, dtype in grid:
+    for grid, b, s, h, d, causal, dtype in shapes:
         if not more():
             return
-        print(f"attention hd{d} {dtype} S={s} B={b} causal={causal}", flush=True)
-        dense_shape(res, "flash", b, s, h, d, causal, dtype, passes, device=device, timer=timer,
-                    with_compile=False, sdpa=sdpa)  # fmt: skip
-    for b, s in bert:
-        if not more():
-            return
-        print(f"bert grid S={s} B={b}", flush=True)
-        dtype = torch.float32 if dry else torch.float16
-        dense_shape(res, "bert", b, s, 2 if dry else 12, 32 if dry else 64, False, dtype, passes,
-                    device=device, timer=timer, with_compile=False, sdpa=sdpa)  # fmt: skip
-    if more():
-        b, s, h, d = (2, 17, 2, 32) if dry else (32, 512, 12, 64)
-        padding_shape(res, b, s, h, d, device=device, timer=timer,
-                      sdpa=("sdpa-efficient", "sdpa-cudnn"))  # fmt: skip
+        print(f"attention {grid} hd{d} {dtype} S={s} B={b} causal={causal}", flush=True)
+        if grid == "padding":
+            padding_shape(
+                res, b, s, h, d, device=device, timer=timer, sdpa=("sdpa-efficient", "sdpa-cudnn")
+            )
+        else:
+            dense_shape(res, grid, b, s, h, d, causal, dtype, passes, device=device, timer=timer,
+                        with_compile=False, sdpa=sdpa)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

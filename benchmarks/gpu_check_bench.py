@@ -4,9 +4,10 @@ Each bench_*.py script contributes its ``headline(res, device, timer, dry, budge
 (attention, LayerNorm, linear+GELU, decode, models): every row next to its baselines
 measured in the same process (SDPA flash/cuDNN/efficient, torch, cuBLAS, transformers),
 medians of triton.testing.do_bench (CUDA events). Autotuning stays on; torch.compile
-baselines stay out (minutes of compiles per shape). Sections run in order of value within
-a wall-clock budget; a section that would start after it is recorded as skipped, and one
-that raises is recorded as failed while the rest go on. The rows are rewritten to ``--out``
+baselines stay out (minutes of compiles per shape). Sections run in order of value, each
+within its share of the wall-clock budget (a headline() asks ``budget()`` before each
+shape); a section with no time left is recorded as skipped, and one that raises is recorded
+as failed while the rest go on. The rows are rewritten to ``--out``
 after every section, so a kill keeps what finished.
 
 ``--dry-run``: the same sections on tiny shapes on the CPU, each call timed once
@@ -25,13 +26,15 @@ import torch
 
 from benchmarks.harness import Results, environment, run_once_ms
 
-# (section, module with headline()) in order of value.
+# (section, module with headline(), share of the time budget) in order of value. A section
+# gets its share of the time left, so one that finishes early leaves more to the rest, and
+# attention's autotuning cannot starve the others.
 SECTIONS = [
-    ("attention", "benchmarks.bench_attention"),
-    ("decode", "benchmarks.bench_decode"),
-    ("layer_norm", "benchmarks.bench_layer_norm"),
-    ("linear_gelu", "benchmarks.bench_ffn"),
-    ("models", "benchmarks.bench_models"),
+    ("attention", "benchmarks.bench_attention", 40),
+    ("decode", "benchmarks.bench_decode", 10),
+    ("layer_norm", "benchmarks.bench_layer_norm", 8),
+    ("linear_gelu", "benchmarks.bench_ffn", 17),
+    ("models", "benchmarks.bench_models", 25),
 ]
 
 
@@ -48,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
         fastlm.set_backend(None)  # automatic: triton is asked for explicitly per row
     deadline = time.monotonic() + args.budget_s
-    budget = lambda: time.monotonic() < deadline
     timer = run_once_ms if dry else None
     sections, failed = [], 0
-    for name, module in SECTIONS:
+    shares_left = sum(share for *_, share in SECTIONS)
+    for name, module, share in SECTIONS:
         res = Results(f"gpu_check_{name}")
         start = time.perf_counter()
+        now = time.monotonic()
+        mine = now + (deadline - now) * share / shares_left
+        shares_left -= share
+        budget = lambda mine=mine: time.monotonic() < mine
         if not budget():
             status, detail = "skipped", f"time budget of {args.budget_s:.0f} s used up"
         else:
