@@ -20,6 +20,7 @@
 # torch/triton/transformers; a throw-away `venv --without-pip --system-site-packages` on top
 # of it gets a .pth that maps fastlm.kernels -> kernels/ and fastlm.csrc -> csrc/ from
 # pyproject.toml (benchmarks/gpu_check_srcmap.py), so the repository runs as it stands.
+# A tree copied without .git can name its commit in FASTLM_GIT_SHA (stamped on every row).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -99,6 +99,9 @@ def run_once_ms(fn: Callable[[], Any], **_: Any) -> float:
 
 @functools.cache
 def git_sha() -> str:
+    """The fastlm commit (+ "-dirty"); $FASTLM_GIT_SHA where the tree travels without .git."""
+    if os.environ.get("FASTLM_GIT_SHA"):
+        return os.environ["FASTLM_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
