@@ -92,3 +92,17 @@ def test_a_selection_line_that_collects_nothing_fails(tmp_path):
     assert counts == {"tests/test_gpu_long.py long": 8, "tests/test_gpu_long.py no_such_test": 0}
     assert proc.returncode != 0
     assert "collected no test" in proc.stdout
+
+
+def test_the_compute_sanitizer_test_stays_out_of_the_selection():
+    """compute-sanitizer runs for minutes: the quick path must never select it."""
+    from _pytest.mark.expression import Expression
+
+    name = "test_compute_sanitizer_memcheck"
+    for file, expr in read_selection(os.path.join(REPO, "benchmarks", "gpu_check_tests.txt")):
+        with open(os.path.join(REPO, file)) as f:
+            if name not in f.read():
+                continue
+        words = [name, os.path.basename(file)]
+        matches = lambda ident, words=words, **_: any(ident.lower() in w.lower() for w in words)
+        assert expr and not Expression.compile(expr).evaluate(matches), (file, expr)
