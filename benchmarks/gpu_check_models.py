@@ -37,8 +37,8 @@ from fastlm.parity import judge
 class Checks:
     """Runs named checks, printing and appending one row each: ok / failed / skipped."""
 
-    def __init__(self, out: str, device: torch.device):
-        self.out, self.device, self.failed = out, device, 0
+    def __init__(self, out: str):
+        self.out, self.failed = out, 0
 
     def run(self, name: str, dtype: torch.dtype, fn) -> None:
         start = time.perf_counter()
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if dry:
         fastlm.set_backend("triton")  # the kernels, through the interpreter
     dtypes = [torch.float32] if dry else [torch.float16, torch.bfloat16]
-    models, checks = Models(device, dry), Checks(args.out, device)
+    models, checks = Models(device, dry), Checks(args.out)
     for name in ("bert", "gpt2", "optimize", "attn_implementation", "minilm"):
         for dtype in dtypes:
             checks.run(name, dtype, getattr(models, name))
