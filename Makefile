@@ -32,10 +32,15 @@ help:
 # --system-site-packages reaches the base interpreter's packages only; when $(PYTHON) is
 # itself a venv (the GPU image's python3 is), a .pth file adds its site-packages too, so the
 # preinstalled torch/triton/transformers are reused and nothing is downloaded.
+# --without-pip: Ubuntu's python3 may lack ensurepip, which plain `venv` needs. pip is then
+# the parent's (reached through those same site-packages) and installs into $(VENV) all the
+# same; ensurepip is only a fallback for a parent without pip.
 $(VENV)/.stamp-venv:
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -m venv --system-site-packages --without-pip $(VENV)
 	$(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
 	  > "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_fastlm_parent_site.pth"
+	$(VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(VENV)/bin/python -m ensurepip -q \
+	  || { echo "no pip for $(VENV): install pip for $(PYTHON)" >&2; exit 1; }
 	@touch $@
 
 # Full set-up with test extras (needs the package registry).

@@ -14,19 +14,30 @@ Baselines: SDPA flash, efficient, cudnn, math; torch.compile of the plain math; 
 baseline that cannot run a shape (unsupported, OOM) is recorded as None.
 
 fastlm-cuda rows (csrc/attention_fwd.cu forward; its backward is the Triton one) appear
-wherever fastlm.backends.device_reason("cuda", device) is None (the extension loaded) and
-the call is within the kernel's limits (fastlm.ops.attention.cuda_reason: fp16/bf16,
-head_dim 64/128, aligned operands); fastlm-padded-cuda / fastlm-varlen-cuda likewise.
+wherever a trial call with backend="cuda" runs (the extension is built and the call is
+within the kernel's limits: fp16/bf16, head_dim 64/128, aligned operands);
+fastlm-padded-cuda / fastlm-varlen-cuda likewise.
+
+``headline(res, device, timer, dry)``: the small fixed grid of benchmarks/gpu_check.sh
+(no torch.compile, no SDPA math), on tiny shapes through the interpreter for its dry run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Results, bench_or_none, line_plot, parse_args, require_gpu
+from benchmarks.harness import (
+    Results,
+    fastlm_backends,
+    line_plot,
+    parse_args,
+    require_gpu,
+)
+from benchmarks.harness import bench_or_none as _bench_or_none
 
 SDPA = {
     "sdpa-flash": "FLASH_ATTENTION",
@@ -73,23 +84,17 @@ def _fastlm(causal: bool, mask: torch.Tensor | None = None, backend: str = "trit
     )
 
 
-def _cuda_serves(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> bool:
-    """Whether backend="cuda" can run this call (extension loaded, within its limits)."""
-    from fastlm.backends import device_reason
-    from fastlm.ops.attention import cuda_reason
-
-    reason = device_reason("cuda", q.device) or cuda_reason(op, q, k, v, batch, 0.0)
-    return reason is None
+def _cuda_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
+    """Whether backend="cuda" runs this attention call here (a trial call)."""
+    return "cuda" in fastlm_backends(lambda backend: _fastlm(causal, None, backend)(q, k, v))
 
 
-def _fastlm_backends(op: str, q, k, v, batch: int) -> list[str]:
-    return ["triton", *(["cuda"] if _cuda_serves(op, q, k, v, batch) else [])]
-
-
-def _time_passes(fn, q, k, v, passes):
-    """{pass: ms or None} for fwd, bwd (grad only, graph retained) and fwd+bwd."""
+def _time_passes(fn, q, k, v, passes, timer=None):
+    """{pass: ms or None} for fwd, bwd (grad only, graph retained) and fwd+bwd; ``timer``
+    replaces harness.bench (the dry run's run_once_ms)."""
     res = {}
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    bench_or_none = functools.partial(_bench_or_none, timer=timer)
     if "fwd" in passes:
         with torch.no_grad():
             res["fwd"] = bench_or_none(lambda: fn(*inputs))
@@ -110,11 +115,11 @@ def _time_passes(fn, q, k, v, passes):
     return res
 
 
-def _impls(causal: bool, mask=None, with_compile=True, cuda=False):
+def _impls(causal: bool, mask=None, with_compile=True, cuda=False, sdpa=tuple(SDPA)):
     impls = {"fastlm-triton": _fastlm(causal, mask)}
     if cuda:
         impls["fastlm-cuda"] = _fastlm(causal, mask, "cuda")
-    for kind in SDPA:
+    for kind in sdpa:
         impls[kind] = _sdpa(kind, causal, mask)
     if with_compile and mask is None:
         impls["compile-math"] = torch.compile(_naive(causal))
@@ -128,6 +133,19 @@ def _record(res, grid, impl, dtype, shape, times, fwd_flops):
         res.add(grid=grid, impl=impl, dtype=dtype, shape=shape, pass_=p, ms=ms, tflops=tflops)
 
 
+def dense_shape(res, grid, b, s, h, d, causal, dtype, passes, *, device="cuda", timer=None,
+                with_compile=True, sdpa=tuple(SDPA)) -> None:  # fmt: skip
+    """Every implementation on one (B, S, H, D) shape: fastlm (triton, cuda where it serves)
+    and the SDPA backends, each pass timed and recorded with its TFLOP/s."""
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+    flops = 4 * b * s * s * h * d / (2 if causal else 1)
+    shape = dict(B=b, S=s, H=h, D=d, causal=causal)
+    impls = _impls(causal, with_compile=with_compile, cuda=_cuda_serves(q, k, v, causal), sdpa=sdpa)
+    for name, fn in impls.items():
+        times = _time_passes(fn, q, k, v, passes, timer)
+        _record(res, grid, name, dtype, shape, times, flops)
+
+
 def flash_grid(res, quick: bool) -> None:
     seqs = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
@@ -137,16 +155,8 @@ def flash_grid(res, quick: bool) -> None:
                 for s in seqs:
                     b = 16384 // s
                     print(f"flash grid {dtype} d={d} h={h} S={s} B={b} causal={causal}", flush=True)
-                    q, k, v = (
-                        torch.randn(b, s, h, d, device="cuda", dtype=dtype) for _ in range(3)
-                    )
-                    flops = 4 * b * s * s * h * d / (2 if causal else 1)
-                    shape = dict(B=b, S=s, H=h, D=d, causal=causal)
-                    cuda = _cuda_serves("attention", q, k, v, b)
-                    for name, fn in _impls(causal, with_compile=not quick, cuda=cuda).items():
-                        times = _time_passes(fn, q, k, v, ("fwd", "bwd", "fwd+bwd"))
-                        _record(res, "flash", name, dtype, shape, times, flops)
-                    del q, k, v
+                    dense_shape(res, "flash", b, s, h, d, causal, dtype, ("fwd", "bwd", "fwd+bwd"),
+                                with_compile=not quick)  # fmt: skip
                     torch.cuda.empty_cache()
 
 
@@ -156,55 +166,96 @@ def model_grid(res, quick: bool) -> None:
         for s in seqs:
             for b in (1, 8, 32):
                 print(f"{model} grid S={s} B={b}", flush=True)
-                q, k, v = (
-                    torch.randn(b, s, 12, 64, device="cuda", dtype=torch.float16) for _ in range(3)
-                )
-                flops = 4 * b * s * s * 12 * 64 / (2 if causal else 1)
-                shape = dict(B=b, S=s, H=12, D=64, causal=causal)
-                cuda = _cuda_serves("attention", q, k, v, b)
-                for name, fn in _impls(causal, with_compile=not quick, cuda=cuda).items():
-                    times = _time_passes(fn, q, k, v, ("fwd", "fwd+bwd"))
-                    _record(res, model, name, torch.float16, shape, times, flops)
+                dense_shape(res, model, b, s, 12, 64, causal, torch.float16, ("fwd", "fwd+bwd"),
+                            with_compile=not quick)  # fmt: skip
+
+
+def padding_shape(res, b, s, h, d, *, device="cuda", timer=None, sdpa=tuple(SDPA), seed=0):
+    """A batch with random lengths uniform in [0.2 S, S] (mean 0.6 x max, 40% padding):
+    fastlm padded (key_padding_mask) and varlen (packed), against SDPA with a boolean mask."""
+    import fastlm
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.2 * s), s + 1, (b,), generator=gen)
+    mask = (torch.arange(s)[None, :] < lengths[:, None]).to(device)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.float16) for _ in range(3))
+    flops = 4 * float((lengths.double() ** 2).sum()) * h * d
+    shape = dict(B=b, S=s, H=h, D=d, mean_len=float(lengths.float().mean()))
+    print(f"padding grid S={s} mean length {shape['mean_len']:.0f}", flush=True)
+    passes = ("fwd", "fwd+bwd")
+    for backend in fastlm_backends(lambda bk: _fastlm(False, mask, bk)(q, k, v)):
+        times = _time_passes(_fastlm(False, mask, backend), q, k, v, passes, timer)
+        name = "fastlm-padded" + ("" if backend == "triton" else "-cuda")
+        _record(res, "padding", name, torch.float16, shape, times, flops)
+
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    cu = cu.to(device)
+    qp, kp, vp = (t[mask] for t in (q, k, v))  # (total, H, D), packing outside the timing
+    max_len = int(lengths.max())
+
+    def varlen(q, k, v, backend="triton"):
+        return fastlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=backend)
+
+    for backend in fastlm_backends(lambda bk: varlen(qp, kp, vp, bk)):
+        fn = functools.partial(varlen, backend=backend)
+        times = _time_passes(fn, qp, kp, vp, passes, timer)
+        name = "fastlm-varlen" + ("" if backend == "triton" else "-cuda")
+        _record(res, "padding", name, torch.float16, shape, times, flops)
+
+    sdpa_mask = mask[:, None, None, :]  # (B, 1, 1, S), True = attend
+    for kind in sdpa:
+        times = _time_passes(_sdpa(kind, False, sdpa_mask), q, k, v, passes, timer)
+        _record(res, "padding", kind + "-masked", torch.float16, shape, times, flops)
 
 
 def padding_grid(res, quick: bool) -> None:
-    import fastlm
+    for s in [512] if quick else [128, 512, 1024]:
+        padding_shape(res, 32, s, 12, 64)
 
-    seqs = [512] if quick else [128, 512, 1024]
-    gen = torch.Generator().manual_seed(0)
-    for s in seqs:
-        b, h, d = 32, 12, 64
-        # Lengths uniform in [0.2 S, S]: mean 0.6 x max.
-        lengths = torch.randint(int(0.2 * s), s + 1, (b,), generator=gen)
-        mask = (torch.arange(s)[None, :] < lengths[:, None]).cuda()
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.float16) for _ in range(3))
-        flops = 4 * float((lengths.double() ** 2).sum()) * h * d
-        shape = dict(B=b, S=s, H=h, D=d, mean_len=float(lengths.float().mean()))
-        print(f"padding grid S={s} mean length {shape['mean_len']:.0f}", flush=True)
-        for backend in _fastlm_backends("attention", q, k, v, b):
-            times = _time_passes(_fastlm(False, mask, backend), q, k, v, ("fwd", "fwd+bwd"))
-            name = "fastlm-padded" + ("" if backend == "triton" else "-cuda")
-            _record(res, "padding", name, torch.float16, shape, times, flops)
 
-        cu = torch.zeros(b + 1, dtype=torch.int32)
-        cu[1:] = lengths.cumsum(0)
-        cu = cu.cuda()
-        qp, kp, vp = (t[mask] for t in (q, k, v))  # (total, H, D), packing outside the timing
-        max_len = int(lengths.max())
+HEADLINE_SDPA = ("sdpa-flash", "sdpa-cudnn")
 
-        for backend in _fastlm_backends("attention_varlen", qp, kp, vp, b):
 
-            def varlen(q, k, v, backend=backend):
-                return fastlm.attention_varlen(q, k, v, cu, cu, max_len, max_len, backend=backend)
-
-            times = _time_passes(varlen, qp, kp, vp, ("fwd", "fwd+bwd"))
-            name = "fastlm-varlen" + ("" if backend == "triton" else "-cuda")
-            _record(res, "padding", name, torch.float16, shape, times, flops)
-
-        sdpa_mask = mask[:, None, None, :]  # (B, 1, 1, S), True = attend
-        for kind in SDPA:
-            times = _time_passes(_sdpa(kind, False, sdpa_mask), q, k, v, ("fwd", "fwd+bwd"))
-            _record(res, "padding", kind + "-masked", torch.float16, shape, times, flops)
+def headline(res, device, timer=None, dry=False, budget=None) -> None:
+    """The GPU check's attention rows: head_dim 128 at S 4096 and 8192 (16 heads, 16 K
+    tokens), causal and not, fp16 and bf16; the BERT grid (12 x 64, S 128 and 512, batch
+    32); a 40%-padded BERT batch, varlen against SDPA with a mask. fastlm vs SDPA flash and
+    cuDNN (efficient too where a mask is given), fwd and fwd+bwd, no torch.compile. The dry
+    run: tiny shapes (fp32, and the fp16 padding batch) through the interpreter. ``budget``
+    (callable -> bool) is asked before each shape: False stops the grid."""
+    more = budget or (lambda: True)
+    passes = ("fwd", "fwd+bwd")
+    low = torch.float32 if dry else torch.float16
+    # (grid, B, S, H, D, causal, dtype); "padding": the 40%-padded batch (fp16, non-causal).
+    if dry:
+        shapes = [("flash", 2, 33, 2, 32, c, low) for c in (False, True)]
+        shapes += [("bert", 2, 17, 2, 32, False, low), ("padding", 2, 17, 2, 32, False, None)]
+    else:  # S 4096 first, then the cheap BERT rows, then S 8192: each kind gets measured
+        shapes = [
+            ("flash", 4, 4096, 16, 128, c, dt)
+            for c in (False, True)
+            for dt in (low, torch.bfloat16)
+        ]
+        shapes += [("bert", 32, 128, 12, 64, False, low), ("bert", 32, 512, 12, 64, False, low)]
+        shapes += [("padding", 32, 512, 12, 64, False, None)]
+        shapes += [
+            ("flash", 2, 8192, 16, 128, c, dt)
+            for c in (False, True)
+            for dt in (low, torch.bfloat16)
+        ]
+    sdpa = ("sdpa-flash",) if dry else HEADLINE_SDPA
+    for grid, b, s, h, d, causal, dtype in shapes:
+        if not more():
+            return
+        print(f"attention {grid} hd{d} {dtype} S={s} B={b} causal={causal}", flush=True)
+        if grid == "padding":
+            padding_shape(
+                res, b, s, h, d, device=device, timer=timer, sdpa=("sdpa-efficient", "sdpa-cudnn")
+            )
+        else:
+            dense_shape(res, grid, b, s, h, d, causal, dtype, passes, device=device, timer=timer,
+                        with_compile=False, sdpa=sdpa)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

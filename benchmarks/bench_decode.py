@@ -12,9 +12,12 @@ and its share of the HBM peak, taken as a device-to-device copy measured in this
 * fastlm-<backend>         attention only (k=None), the like-for-like comparison with SDPA;
 * fastlm-<backend>+append  the full decode step: write the new k, v into the cache, attend;
   <backend> is triton, and cuda (csrc/attention_decode.cu; its append is torch indexing)
-  wherever fastlm.backends.device_reason("cuda", device) is None (the extension loaded);
+  wherever a trial call with backend="cuda" runs (the extension is built);
 * sdpa-<flash|efficient|cudnn>  F.scaled_dot_product_attention on k_cache[:, :ctx];
 * reference                fastlm.reference (PyTorch eager, fp32), where it fits in memory.
+
+``headline(res, device, timer, dry)``: the GPU check's rows (8 K context, GPT-2 and 32 x 128
+heads, fp16), tiny through the interpreter for its dry run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Results, bench, bench_or_none, line_plot, parse_args, require_gpu
+from benchmarks.harness import (
+    Results,
+    bench,
+    bench_or_none,
+    fastlm_backends,
+    line_plot,
+    parse_args,
+    require_gpu,
+)
 
 HEADS = [(12, 64), (16, 128), (32, 128)]  # (heads, head_dim)
 BATCHES = [1, 4, 16, 64]
@@ -79,11 +90,13 @@ def _check_close(name: str, out: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def bench_shape(
-    res: Results, peak_gbps: float, bsz, ctx, heads, d, dtype, dev: torch.device
+    res: Results, peak_gbps: float, bsz, ctx, heads, d, dtype, dev: torch.device, timer=None
 ) -> None:
+    """Every implementation on one decode shape; ``timer`` replaces harness.bench."""
     import fastlm
-    from fastlm.backends import device_reason
     from fastlm.reference import attention_kvcache as ref
+
+    timer = timer or bench
 
     s_max = ctx + 1  # room for the appended token
     k_cache = torch.randn(bsz, s_max, heads, d, device=dev, dtype=dtype)
@@ -107,30 +120,45 @@ def bench_shape(
     # The check result: SDPA with the first backend that serves the shape (flash reads the
     # strided cache without copies, so this fits in memory at every benchmarked size).
     want = _sdpa(q, k_cache, v_cache, ctx, [*_sdpa_backends().values(), _math()])
-    for backend in ("triton", "cuda"):  # torch is timed as "reference" below
-        if device_reason(backend, dev) is not None:
-            continue
-        try:
-            attend = functools.partial(
-                fastlm.attention_with_kvcache, q, k_cache, v_cache, seqlens, backend=backend
-            )
-            out = attend()
-        except NotImplementedError as exc:
-            print(f"  (fastlm-{backend} skipped: {str(exc).splitlines()[0][:120]})")
-            continue
-        _check_close(f"fastlm-{backend}", out, want)
-        add(f"fastlm-{backend}", bench(attend))
+
+    def attend(backend, **new):
+        return fastlm.attention_with_kvcache(q, k_cache, v_cache, seqlens, backend=backend, **new)
+
+    # torch is timed as "reference" below.
+    for backend in fastlm_backends(attend):
+        _check_close(f"fastlm-{backend}", attend(backend), want)
+        add(f"fastlm-{backend}", timer(functools.partial(attend, backend)))
         # The full step writes the same slot every run (seqlens is not advanced): idempotent.
-        step = functools.partial(attend, k=k_new, v=v_new)
-        add(f"fastlm-{backend}+append", bench(step))
+        step = functools.partial(attend, backend, k=k_new, v=v_new)
+        add(f"fastlm-{backend}+append", timer(step))
 
     for name, sdpa_backend in _sdpa_backends().items():
         add(
             f"sdpa-{name}",
-            bench_or_none(lambda b=sdpa_backend: _sdpa(q, k_cache, v_cache, ctx, [b])),
+            bench_or_none(lambda b=sdpa_backend: _sdpa(q, k_cache, v_cache, ctx, [b]), timer=timer),
         )
     if cache_bytes * 4 // k_cache.element_size() <= REFERENCE_MAX_BYTES:
-        add("reference", bench_or_none(lambda: ref.kvcache_attention(q, k_cache, v_cache, seqlens)))
+        add(
+            "reference",
+            bench_or_none(lambda: ref.kvcache_attention(q, k_cache, v_cache, seqlens), timer=timer),
+        )
+
+
+def headline(res: Results, device, timer=None, dry=False, budget=None) -> None:
+    """The GPU check's decode rows: an 8 K context, batch 8, GPT-2 heads (12 x 64) and
+    32 x 128, fp16, in GB/s and % of the copy bandwidth measured here (the dry run: one tiny
+    shape through the interpreter, no bandwidth claim)."""
+    shapes = [(2, 40, 2, 32)] if dry else [(8, 8192, 12, 64), (8, 8192, 32, 128)]
+    dtype = torch.float32 if dry else torch.float16
+    peak = 1.0 if dry else copy_bandwidth_gbps(device)
+    for bsz, ctx, heads, d in shapes:
+        if budget is not None and not budget():
+            return
+        print(f"decode B={bsz} ctx={ctx} H={heads} D={d} {dtype}", flush=True)
+        bench_shape(res, peak, bsz, ctx, heads, d, dtype, device, timer)
+    for row in res.rows:
+        if row.get("op") == "attention_with_kvcache":
+            row["copy_peak_gbps"] = None if dry else round(peak, 1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Bias+GELU feed-forward: fastlm.linear_gelu and fastlm.gelu_ffn vs PyTorch.
 
-Shapes: BERT-base (hidden 768, intermediate 3072, exact GELU) and GPT-2-medium (1024 -> 4096,
-tanh GELU), tokens M = 512..16384, fp16 and bf16, forward and forward+backward.
+Shapes: BERT-base (hidden 768, intermediate 3072, exact GELU), GPT-2 (768 -> 3072) and
+GPT-2-medium (1024 -> 4096, tanh GELU), tokens M = 512..16384, fp16 and bf16, forward and forward+backward.
 
 linear_gelu y = gelu(x W^T + b), x (M, K), W (N, K), against
   torch          F.gelu(F.linear(x, W, b)) eager (two kernels, h round-trips through memory)
@@ -12,7 +12,7 @@ gelu_ffn out = gelu(x W1^T + b1) W2^T + b2 + x (BERT's residual), against the sa
 PyTorch and torch.compile.
 
 fastlm rows: fastlm-triton (GEMMs with fused epilogues) and, where the CUDA C++ extension
-is available (fastlm.backends.device_reason("cuda", device) is None), fastlm-cuda (cuBLAS
+is available (a trial call with backend="cuda" runs), fastlm-cuda (cuBLAS
 GEMMs + the csrc bias+GELU / GELU-backward / bias+residual epilogue kernels). Rows of both
 on the same shape feed benchmarks/make_dispatch_table.py.
 
@@ -23,25 +23,39 @@ not counted. Ratios are against baselines measured in the same process.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Results, bench_or_none, line_plot, parse_args, require_gpu
+from benchmarks.harness import (
+    Results,
+    bench_or_none,
+    fastlm_backends,
+    line_plot,
+    parse_args,
+    require_gpu,
+)
 
-MODELS = {"bert-base": (768, 3072, "none"), "gpt2-medium": (1024, 4096, "tanh")}
+MODELS = {
+    "bert-base": (768, 3072, "none"),
+    "gpt2": (768, 3072, "tanh"),
+    "gpt2-medium": (1024, 4096, "tanh"),
+}
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384]
+DRY_MODELS = {"tiny": (64, 96, "none")}  # the CPU dry run: the interpreter pays per element
 
 
-def fastlm_backends(device) -> list[str]:
-    """The fastlm backends benchmarked on ``device``: triton, plus cuda when it is available."""
-    from fastlm import backends
+def fastlm_names(device) -> list[str]:
+    """The fastlm backends benchmarked on ``device``: triton, plus cuda where it runs."""
+    import fastlm
 
-    return ["triton", *(["cuda"] if backends.device_reason("cuda", device) is None else [])]
+    x, w = torch.randn(2, 16, device=device), torch.randn(16, 16, device=device)
+    return fastlm_backends(lambda backend: fastlm.linear_gelu(x, w, None, backend=backend))
 
 
-def _linear_gelu_impls(fastlm_names):
+def _linear_gelu_impls(fastlm_names, with_compile=True):
     import fastlm
 
     def eager(x, w, b, approximate):
@@ -53,12 +67,12 @@ def _linear_gelu_impls(fastlm_names):
     return {
         **{f"fastlm-{name}": fast(name) for name in fastlm_names},
         "torch": eager,
-        "torch.compile": torch.compile(eager),
+        **({"torch.compile": torch.compile(eager)} if with_compile else {}),
         "cublas-gemm": lambda x, w, b, a: F.linear(x, w, b),
     }
 
 
-def _gelu_ffn_impls(fastlm_names):
+def _gelu_ffn_impls(fastlm_names, with_compile=True):
     import fastlm
 
     def eager(x, w1, b1, w2, b2, approximate):
@@ -75,7 +89,7 @@ def _gelu_ffn_impls(fastlm_names):
     return {
         **{f"fastlm-{name}": fast(name) for name in fastlm_names},
         "torch": eager,
-        "torch.compile": torch.compile(eager),
+        **({"torch.compile": torch.compile(eager)} if with_compile else {}),
     }
 
 
@@ -101,12 +115,16 @@ def _record(res, op, model, impl, dtype, shape, times, flops, baselines):
         )  # fmt: skip
 
 
-def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> None:
+def run(
+    res: Results, device, tokens, models, dtypes, timer=bench_or_none, with_compile=True,
+    ops=("linear_gelu", "gelu_ffn"),
+) -> None:  # fmt: skip
     """All rows for the given sizes (device and timer are parameters so the script can be
     smoke-tested without a GPU)."""
-    names = fastlm_backends(device)
+    names = fastlm_names(device)
     fast_impls = [f"fastlm-{name}" for name in names]
-    lg_impls, ffn_impls = _linear_gelu_impls(names), _gelu_ffn_impls(names)
+    lg_impls = _linear_gelu_impls(names, with_compile)
+    ffn_impls = _gelu_ffn_impls(names, with_compile)
     # One compiled graph per shape: keep torch.compile from falling back to eager after the
     # default recompile limit.
     for name in ("recompile_limit", "cache_size_limit"):
@@ -114,7 +132,7 @@ def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> No
             setattr(torch._dynamo.config, name, 256)
     for dtype in dtypes:
         for model in models:
-            hidden, inter, approximate = MODELS[model]
+            hidden, inter, approximate = {**MODELS, **DRY_MODELS}[model]
             w1 = (
                 (torch.randn(inter, hidden, device=device) * hidden**-0.5)
                 .to(dtype)
@@ -133,20 +151,36 @@ def run(res: Results, device, tokens, models, dtypes, timer=bench_or_none) -> No
                 flops = {"fwd": 2 * m * hidden * inter, "fwd+bwd": 6 * m * hidden * inter}
                 dy = torch.randn(m, inter, device=device, dtype=dtype)
                 baselines: dict = {}
-                for impl in ("cublas-gemm", "torch", "torch.compile", *fast_impls):
+                for impl in [
+                    i for i in ("cublas-gemm", "torch", "torch.compile") if i in lg_impls
+                ] + fast_impls:
                     times = _time_passes(
                         lg_impls[impl], (x, w1, b1, approximate), (x, w1, b1), dy, timer
                     )
                     _record(res, "linear_gelu", model, impl, dtype, shape, times, flops, baselines)
+                if "gelu_ffn" not in ops:
+                    continue
 
                 shape = {"M": m, "H": hidden, "I": inter}
                 flops = {"fwd": 4 * m * hidden * inter, "fwd+bwd": 12 * m * hidden * inter}
                 dy = torch.randn(m, hidden, device=device, dtype=dtype)
                 baselines = {}
-                for impl in ("torch", "torch.compile", *fast_impls):
+                for impl in [i for i in ("torch", "torch.compile") if i in ffn_impls] + fast_impls:
                     args = (x, w1, b1, w2, b2, approximate)
                     times = _time_passes(ffn_impls[impl], args, (x, w1, b1, w2, b2), dy, timer)
                     _record(res, "gelu_ffn", model, impl, dtype, shape, times, flops, baselines)
+
+
+def headline(res: Results, device, timer=None, dry=False, budget=None) -> None:
+    """The GPU check's rows: linear+GELU at BERT-base (768 -> 3072, erf) and GPT-2 (768 ->
+    3072, tanh) for 4096 and 16384 tokens, fp16 and bf16, against cuBLAS alone and cuBLAS +
+    torch GELU (no torch.compile); the dry run: 33 x 64 -> 96 in fp32 (interpreter)."""
+    timer = functools.partial(bench_or_none, timer=timer)
+    if dry:
+        run(res, device, [33], ["tiny"], [torch.float32], timer, False, ("linear_gelu",))
+    else:
+        run(res, device, [4096, 16384], ["bert-base", "gpt2"], [torch.float16, torch.bfloat16],
+            timer, False, ("linear_gelu",))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,27 +5,38 @@ padding and padding with mean valid length 0.6 x seq), GPT-2 124M and 355M (pref
 512/1024; decode tokens/s at batch 1/8/32 with a 128-token prompt; training step
 fwd+bwd+AdamW at seq 1024). fp16 and bf16. Times are do_bench medians; every ratio is
 against transformers in the same process.
+
+``headline(res, device, timer, dry)``: the GPU check's rows (BERT-base B32 S512 40% padding,
+GPT-2 124M decode at batch 1), tiny through the interpreter for its dry run.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 
-from benchmarks.harness import Results, bench_or_none, line_plot, parse_args, require_gpu
+from benchmarks.harness import Results, bench, bench_or_none, line_plot, parse_args, require_gpu
 
 
-def _hf_variants(make):
+def _hf_variants(make, with_compile=True):
     """transformers models: eager, sdpa, torch.compile(sdpa) — sharing one set of weights."""
     eager = make("eager")
     sdpa = make("sdpa")
     sdpa.load_state_dict(eager.state_dict())
-    return {
-        "hf-eager": eager,
-        "hf-sdpa": sdpa,
-        "hf-sdpa-compile": torch.compile(sdpa, dynamic=False),
-    }, eager
+    variants = {"hf-eager": eager, "hf-sdpa": sdpa}
+    if with_compile:
+        variants["hf-sdpa-compile"] = torch.compile(sdpa, dynamic=False)
+    return variants, eager
+
+
+def _hf_model(auto: str, cfg, impl: str, device, dtype):
+    """A random-weight transformers model (``auto``: an Auto class name) with that attention."""
+    import transformers
+
+    model = getattr(transformers, auto).from_config(cfg, attn_implementation=impl)
+    return model.to(device, dtype).eval()
 
 
 def _mask(batch, seq, padded, device):
@@ -38,34 +49,91 @@ def _mask(batch, seq, padded, device):
     return (torch.arange(seq)[None] < lengths[:, None]).long().to(device)
 
 
+def bert_shape(res, hf, ours, cfg, batch, seq, padded, dtype, device="cuda", timer=None):
+    """BERT forward at one (batch, seq, padding): every transformers variant and fastlm."""
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    mask = _mask(batch, seq, padded, device)
+    shape = dict(batch=batch, seq=seq, padded=padded)
+    times = {}
+    with torch.no_grad():
+        for name, m in hf.items():
+            times[name] = bench_or_none(lambda m=m: m(ids, attention_mask=mask), timer=timer)
+        times["fastlm"] = bench_or_none(lambda: ours(ids, attention_mask=mask), timer=timer)
+    for name, ms in times.items():
+        base_ms = times.get("hf-sdpa")
+        res.add(model="bert-base", pass_="fwd", impl=name, dtype=dtype, shape=shape, ms=ms,
+                speedup_vs_sdpa=base_ms / ms if ms and base_ms else None)  # fmt: skip
+
+
+def bert_models(cfg, dtype, device="cuda", with_compile=True, backend=None):
+    """(transformers variants, the fastlm copy of their weights) for a BERT config."""
+    import fastlm.models as fm
+
+    hf, base = _hf_variants(
+        lambda impl: _hf_model("AutoModel", cfg, impl, device, dtype), with_compile
+    )
+    return hf, fm.BertModel.from_hf(base, backend=backend).eval()
+
+
 def bench_bert(res, dtypes, quick):
+    import transformers
+
+    cfg = transformers.BertConfig()  # bert-base
+    for dtype in dtypes:
+        hf, ours = bert_models(cfg, dtype, backend="triton")
+        for batch in [1, 8] if quick else [1, 8, 32]:
+            for seq in [128] if quick else [128, 256, 512]:
+                for padded in (False, True):
+                    bert_shape(res, hf, ours, cfg, batch, seq, padded, dtype)
+
+
+def gpt2_decode(res, label, impls, cfg, batch, dtype, device="cuda", timer=None, new=64):
+    """Greedy decode tokens/s: ``new`` tokens after a 128-token prompt, for each model in
+    ``impls`` (fastlm's own generate, transformers' with its cache)."""
+    ids = torch.randint(0, cfg.vocab_size, (batch, 128), device=device)
+    timer = timer or functools.partial(bench, warmup_ms=1, rep_ms=1)
+    for n, m in impls.items():
+        if n == "fastlm":
+            run = lambda m=m: m.generate(ids, max_new_tokens=new)
+        else:
+            run = lambda m=m: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                         pad_token_id=0)  # fmt: skip
+        ms = bench_or_none(run, timer=timer)
+        res.add(model=label, pass_="decode", impl=n, dtype=dtype, shape=dict(batch=batch, seq=128 + new),
+                ms=ms, tokens_per_s=batch * new / ms * 1e3 if ms else None)  # fmt: skip
+
+
+def headline(res, device, timer=None, dry=False, budget=None) -> None:
+    """The GPU check's rows: BERT-base forward at batch 32, seq 512, 40% padding, and GPT-2
+    124M greedy decode tokens/s at batch 1, fp16, against transformers sdpa (and eager) in
+    this process, no torch.compile. The dry run: tiny configs in fp32 on the interpreter."""
     import transformers
 
     import fastlm.models as fm
 
-    cfg = transformers.BertConfig()  # bert-base
-    for dtype in dtypes:
-        hf, base = _hf_variants(
-            lambda impl: (
-                transformers.BertModel(cfg, attn_implementation=impl).cuda().to(dtype).eval()
-            )
+    more = budget or (lambda: True)
+    dtype = torch.float32 if dry else torch.float16
+    if dry:
+        bert_cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                           intermediate_size=48, vocab_size=61)  # fmt: skip
+        gpt2_cfg = transformers.GPT2Config(
+            n_layer=1, n_embd=32, n_head=2, vocab_size=97, n_positions=160
         )
-        ours = fm.BertModel.from_hf(base, backend="triton").eval()
-        for batch in [1, 8] if quick else [1, 8, 32]:
-            for seq in [128] if quick else [128, 256, 512]:
-                for padded in (False, True):
-                    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
-                    mask = _mask(batch, seq, padded, "cuda")
-                    shape = dict(batch=batch, seq=seq, padded=padded)
-                    times = {}
-                    with torch.no_grad():
-                        for name, m in hf.items():
-                            times[name] = bench_or_none(lambda m=m: m(ids, attention_mask=mask))
-                        times["fastlm"] = bench_or_none(lambda: ours(ids, attention_mask=mask))
-                    for name, ms in times.items():
-                        base_ms = times.get("hf-sdpa")
-                        res.add(model="bert-base", pass_="fwd", impl=name, dtype=dtype, shape=shape, ms=ms,
-                                speedup_vs_sdpa=base_ms / ms if ms and base_ms else None)  # fmt: skip
+    else:
+        bert_cfg, gpt2_cfg = transformers.BertConfig(), transformers.GPT2Config()
+    if more():
+        hf, ours = bert_models(bert_cfg, dtype, device, with_compile=False)
+        bert_shape(res, hf, ours, bert_cfg, 2 if dry else 32, 16 if dry else 512, True, dtype,
+                   device, timer)  # fmt: skip
+        del hf, ours
+    if more():
+        hf, base = _hf_variants(
+            lambda impl: _hf_model("AutoModelForCausalLM", gpt2_cfg, impl, device, dtype), False
+        )
+        impls = {"hf-sdpa": hf["hf-sdpa"], "fastlm": fm.GPT2LMHeadModel.from_hf(base).eval()}
+        gpt2_decode(
+            res, "gpt2-124M", impls, gpt2_cfg, 1, dtype, device, timer, new=4 if dry else 64
+        )
 
 
 def bench_gpt2(res, dtypes, quick):
@@ -77,10 +145,9 @@ def bench_gpt2(res, dtypes, quick):
     for label, kw in list(sizes.items())[:1] if quick else sizes.items():
         cfg = transformers.GPT2Config(**kw, attn_pdrop=0, resid_pdrop=0, embd_pdrop=0)
         for dtype in dtypes:
-            make = lambda impl: (
-                transformers.GPT2LMHeadModel(cfg, attn_implementation=impl).cuda().to(dtype).eval()
+            hf, base = _hf_variants(
+                lambda impl: _hf_model("AutoModelForCausalLM", cfg, impl, "cuda", dtype)
             )
-            hf, base = _hf_variants(make)
             ours = fm.GPT2LMHeadModel.from_hf(base, backend="triton").eval()
             impls = {**hf, "fastlm": ours}
             for seq in [512] if quick else [512, 1024]:  # prefill
@@ -97,21 +164,8 @@ def bench_gpt2(res, dtypes, quick):
                         ms=ms,
                     )
             for batch in [1, 8] if quick else [1, 8, 32]:  # decode tokens/s
-                ids = torch.randint(0, cfg.vocab_size, (batch, 128), device="cuda")
-                new = 64
-                for n, m in (
-                    ("hf-sdpa", hf["hf-sdpa"]),
-                    ("hf-eager", hf["hf-eager"]),
-                    ("fastlm", ours),
-                ):
-                    if n == "fastlm":
-                        run = lambda m=m: m.generate(ids, max_new_tokens=new)
-                    else:
-                        run = lambda m=m: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                     pad_token_id=0)  # fmt: skip
-                    ms = bench_or_none(run, warmup_ms=1, rep_ms=1)
-                    res.add(model=label, pass_="decode", impl=n, dtype=dtype, shape=dict(batch=batch, seq=128 + new),
-                            ms=ms, tokens_per_s=batch * new / ms * 1e3 if ms else None)  # fmt: skip
+                impls = {"hf-sdpa": hf["hf-sdpa"], "hf-eager": hf["hf-eager"], "fastlm": ours}
+                gpt2_decode(res, label, impls, cfg, batch, dtype)
             # training step at seq 1024 (batch 4), fwd + bwd + AdamW
             ids = torch.randint(0, cfg.vocab_size, (4, 1024 if not quick else 512), device="cuda")
             for n, m in (

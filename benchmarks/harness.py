@@ -53,18 +53,55 @@ def bench(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100) -> f
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def bench_or_none(fn: Callable[[], Any], **kw) -> float | None:
-    """Like bench, but a baseline that cannot run this shape (unsupported, OOM) gives None."""
+def bench_or_none(fn: Callable[[], Any], *, timer: Callable[..., float] | None = None, **kw):
+    """Like bench (or ``timer``), but a baseline that cannot run this shape (unsupported,
+    OOM) gives None."""
     try:
-        return bench(fn, **kw)
+        return (timer or bench)(fn, **kw)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         print(f"  (skipped: {str(exc).splitlines()[0][:120]})")
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return None
+
+
+def fastlm_backends(call: Callable[[str], Any]) -> list[str]:
+    """The fastlm backends (of triton, cuda) that run ``call(backend)`` on this machine: a
+    trial call, so no private dispatch API is needed (cuda needs the built extension and a
+    call within its kernels' limits)."""
+    import fastlm
+
+    names = []
+    for backend in ("triton", "cuda"):
+        try:
+            call(backend)
+        except (
+            fastlm.BackendUnavailableError,
+            NotImplementedError,
+            ValueError,
+            RuntimeError,
+        ) as exc:
+            print(f"  (fastlm-{backend} skipped: {str(exc).splitlines()[0][:120]})")
+            continue
+        names.append(backend)
+    return names
+
+
+def run_once_ms(fn: Callable[[], Any], **_: Any) -> float:
+    """The CPU dry run's stand-in for ``bench``: one call, wall-clock milliseconds. It proves
+    that the code path runs, never a speed (the interpreter pays ~1 ms per program)."""
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 @functools.cache
 def git_sha() -> str:
+    """The fastlm commit (+ "-dirty"); $FASTLM_GIT_SHA where the tree travels without .git."""
+    if os.environ.get("FASTLM_GIT_SHA"):
+        return os.environ["FASTLM_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(

@@ -455,7 +455,8 @@ std::tuple<Tensor, Tensor> attention_decode(const Tensor& q, const Tensor& k_cac
               ": heads and batch * seqlen_q must be <= 65535, got ", h, " and ", bsz * sq);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cache_len = k_cache.size(1);
-  const int splits = fastlm::attention_decode_num_splits(bsz, sq, h, cache_len, sm_count());
+  const int splits =
+      fastlm::attention_decode_num_splits(bsz, sq, h, k_cache.size(2), cache_len, sm_count());
   auto f32 = q.options().dtype(at::kFloat);
   Tensor o = at::empty({bsz, sq, h, d}, q.options());
   Tensor lse = at::empty({bsz, h, sq}, f32);

@@ -158,7 +158,9 @@ cudaError_t attention_fwd(const AttentionFwdArgs& a, cudaStream_t stream);
 // causal: query i sees key j iff j <= i + seqlens_k[b] - Sq. o (B, Sq, H, D);
 // lse (B, H, Sq) fp32 (+inf where no key is visible, and o = 0 there).
 // Split-KV: partial results go to o_partial ((B*Sq*H) x splits x D fp32) and
-// lse_partial ((B*Sq*H) x splits fp32), then a combine kernel writes o and lse.
+// lse_partial ((B*Sq*H) x splits fp32), then a combine kernel writes o and lse. Each row's
+// visible keys (its actual length, read on the device) are divided over the splits; one
+// block serves up to 4 query heads of a kv head, reading each K/V row once for them.
 struct AttentionDecodeArgs {
   const void* q;
   const void* k_cache;
@@ -178,8 +180,8 @@ struct AttentionDecodeArgs {
   int splits;  // from attention_decode_num_splits
   DType dtype;
 };
-int attention_decode_num_splits(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t cache_len,
-                                int sm_count);
+int attention_decode_num_splits(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t kv_heads,
+                                int64_t cache_len, int sm_count);
 cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream);
 
 }  // namespace fastlm

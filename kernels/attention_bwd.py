@@ -27,31 +27,39 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastlm.kernels._autotune import autotune, launch
 from fastlm.kernels._launch import fp32_dot_precision
 from fastlm.kernels.attention_common import (
     LOG2E,
     configs,
     dropout_keep,
+    flat_grid,
     head_block,
     kv_block_range,
     layout_strides,
     load_rows,
     lse_strides,
-    prune_by_smem,
+    pruner,
     q_block_range,
     seq_bounds,
     seq_bucket,
+    split_pid,
     store_rows,
 )
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): dk/dv keep BLOCK_N keys resident and stream
 # queries in BLOCK_M; dq keeps BLOCK_M queries and streams keys in BLOCK_N.
+# The last two spread 64 keys over eight warps. At head_dim 128 (dk and dv: 2 x 64 x 128
+# fp32 accumulators) every other config spills on sm_90, 32x64x8w too (8 B); 16x64x8w
+# holds 206 registers (tests/kernels/test_sm90_compile.py).
 _DKDV_GPU_CONFIGS = [
     (32, 128, 8, 3),
     (64, 128, 8, 3),
     (32, 64, 4, 3),
     (64, 64, 4, 2),
     (16, 64, 4, 2),
+    (64, 64, 8, 2),
+    (16, 64, 8, 2),
 ]
 _DQ_GPU_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 2)]
 _KEY = ["seq_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "IS_VARLEN"]
@@ -64,9 +72,8 @@ def _bwd_preprocess_kernel(
     H, seq_q, total_q,
     IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """delta[b, h, i] = rowsum(dO * O) in fp32. Grid (cdiv(Sq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """delta[b, h, i] = rowsum(dO * O) in fp32. Grid (cdiv(Sq, BLOCK_M) * B * H,)."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     q_start, q_len, _, _ = seq_bounds(CU_Q, CU_Q, b, seq_q, seq_q, total_q, total_q, IS_VARLEN)
@@ -125,10 +132,10 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(
-    configs=configs(_DKDV_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
+@autotune(
+    configs(_DKDV_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
     key=_KEY,
-    prune_configs_by={"early_config_prune": prune_by_smem},
+    prune=pruner("dkdv"),
 )
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
@@ -143,9 +150,8 @@ def _bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B * Hkv)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sk, BLOCK_N) * B * Hkv,)."""
+    pid_n, pid_bh = split_pid(tl.cdiv(seq_k, BLOCK_N))
     hkv = H // GROUP
     b = pid_bh // hkv
     hk = pid_bh % hkv
@@ -236,10 +242,10 @@ def _dq_inner(
     return dq
 
 
-@triton.autotune(
-    configs=configs(_DQ_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
+@autotune(
+    configs(_DQ_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
     key=_KEY,
-    prune_configs_by={"early_config_prune": prune_by_smem},
+    prune=pruner("dq"),
 )
 @triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
@@ -253,9 +259,8 @@ def _bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sq, BLOCK_M) * B * H,)."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -332,7 +337,7 @@ def attention_bwd(
     delta = torch.empty_like(lse)
     block_d = head_block(head_dim)
     pre_block = 32
-    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block), batch * heads)](
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_block) * batch * heads,)](
         out, dout, delta, cu_seqlens_q if varlen else lse,
         *layout_strides(out, varlen), *layout_strides(dout, varlen), *lse_strides(lse, varlen),
         heads, max_seqlen_q, q.shape[0],
@@ -360,13 +365,15 @@ def attention_bwd(
         *layout_strides(v, varlen),
     )
 
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * k.shape[-2])](
+    launch(
+        _bwd_dkdv_kernel, flat_grid(max_seqlen_k, batch * k.shape[-2], "BLOCK_N"),
         q, k, v, dout, dk, dv, lse, delta, kpm, cu_q, cu_k,
         *qkv_strides, *layout_strides(dout, varlen),
         *layout_strides(dk, varlen), *layout_strides(dv, varlen), *lse_strides(lse, varlen),
         *mask_strides, *scalars, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads)](
+    launch(
+        _bwd_dq_kernel, flat_grid(max_seqlen_q, batch * heads, "BLOCK_M"),
         q, k, v, dout, dq, lse, delta, kpm, cu_q, cu_k,
         *qkv_strides, *layout_strides(dout, varlen), *layout_strides(dq, varlen),
         *lse_strides(lse, varlen), *mask_strides, *scalars, **common,

@@ -14,7 +14,8 @@
   on the row bounds and the head-dim padding.
 * ``kv_block_range`` / ``q_block_range``: which key blocks a query block must visit (and
   which of them need no causal or bounds mask), and the converse for the dk/dv kernel.
-* launcher helpers: layout strides, the config lists (one config under the interpreter).
+* launcher helpers: layout strides, the config lists (one config under the interpreter) and
+  their pruning by shared memory and registers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastlm.kernels._autotune import regs_per_thread
 
 LOG2E = 1.4426950408889634
 
@@ -134,14 +136,30 @@ def q_block_range(
 
 
 @triton.jit
+def split_pid(n_blocks):
+    """(block, row) of this program in a flat grid of n_blocks * rows programs on axis 0,
+    blocks fastest: the programs of one (batch, head) row run together and share its K/V
+    in L2. Axis 0 holds up to 2^31 - 1 programs; axes 1 and 2 stop at 65535, which
+    batch * heads passes (BERT at batch 5462 with 12 heads)."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+def flat_grid(length: int, rows: int, block: str):
+    """Launch grid for ``split_pid``: cdiv(length, meta[block]) * rows programs on axis 0."""
+    return lambda meta: (triton.cdiv(length, meta[block]) * rows,)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     OUT, seed, seq_q, seq_k, p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """OUT (B*H, Sq, Sk) int8 keep-mask, one [BLOCK_M, BLOCK_N] tile per program."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    """OUT (B*H, Sq, Sk) int8 keep-mask, one [BLOCK_M, BLOCK_N] tile per program. Grid
+    (B*H, query blocks, key blocks): batch * heads on axis 0, the only one past 65535."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = bh * seq_q + offs_m.to(tl.int64)
@@ -159,7 +177,7 @@ def dropout_keep_mask(
     if out.numel() == 0:
         return out.bool()
     block = 32
-    grid = (triton.cdiv(seq_q, block), triton.cdiv(seq_k, block), batch * heads)
+    grid = (batch * heads, triton.cdiv(seq_q, block), triton.cdiv(seq_k, block))
     _dropout_mask_kernel[grid](out, seed, seq_q, seq_k, float(p), BLOCK_M=block, BLOCK_N=block)
     return out.bool()
 
@@ -246,21 +264,62 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, elt: int) 
 
 SMEM_LIMIT = 232448  # bytes one block may opt in to on H100 (227 KB)
 
+# Estimated registers per thread (tile_regs) above which a config spills on sm_90, per
+# kernel. Fitted to the sm_90 compile of every config at head dims 64, 80 and 128 (fp16,
+# each flag variant), which tests/kernels/test_sm90_compile.py repeats: it fails if a kept
+# config spills. Seen there: fwd hd64 128x128x8w (32 B) and hd128 128x128x8w (160 B);
+# dk/dv at hd128 on every config but 16x64x8w (8-664 B, 255 registers); dq never.
+REG_BUDGET = {"fwd": 160, "dkdv": 128, "dq": 255}
 
-def prune_by_smem(configs, named_args, **kwargs):
-    """early_config_prune: drop configs whose tiles overflow an H100 block's shared memory
-    at this head dim and dtype (always keeping the smallest). On GPUs with less (A100: 163
-    KB) the autotuner skips the rest as OutOfResources, an infinitely slow config."""
-    args = {**named_args, **kwargs}
-    block_d = args["BLOCK_D"]
-    elt = 4 if args["Q"].dtype == torch.float32 else 2
-    fits = [
-        c for c in configs
-        if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elt) <= SMEM_LIMIT
-    ]  # fmt: skip
-    if fits:
-        return fits
-    return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+def tile_regs(kind: str, config, block_d: int, elt: int, dropout: bool, padded_d: bool) -> float:
+    """Estimated registers per thread of an attention config: fp32 accumulators (o for fwd
+    and dq; dk and dv for dkdv) and [BLOCK_M, BLOCK_N] score tiles (S, P and the exp/mask
+    temporaries; the keep-mask with dropout), the resident rows (q for fwd; k and v for
+    dkdv; q and dO for dq) and a quarter of the rows streamed per step (k, v; or q, dO for
+    dkdv). A head dim below BLOCK_D (80 -> 128) costs its column masks."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    acc_rows, resident_rows, streamed_rows = {
+        "fwd": (bm, bm, 2 * bn),
+        "dkdv": (2 * bn, 2 * bn, 2 * bm),
+        "dq": (bm, 2 * bm, 2 * bn),
+    }[kind]
+    acc = acc_rows * block_d * (1.125 if padded_d else 1.0)
+    tiles = bm * bn * (2.25 if dropout else 1.75)
+    operands = (resident_rows + streamed_rows / 4) * block_d
+    return regs_per_thread(acc + tiles, operands, config.num_warps, elt)
+
+
+def pruner(kind: str):
+    """early_config_prune for the ``kind`` kernel ("fwd", "dkdv", "dq"): drop configs whose
+    tiles overflow an H100 block's shared memory or exceed the register budget at this head
+    dim, dtype and flags. Always keeps one (the smallest estimate). fp32 computes its dots
+    on FMA units (true fp32, no tensor cores) and spills at every tile shape on sm_90: it
+    keeps only the smallest. Order is kept: the first survivor is FASTLM_AUTOTUNE=0's pick.
+    On GPUs with less shared memory (A100: 163 KB) the autotuner skips the rest as
+    OutOfResources, an infinitely slow config."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d = args["BLOCK_D"]
+        fp32 = args["Q"].dtype == torch.float32
+        elt = 4 if fp32 else 2
+        padded = args.get("HEAD_DIM", block_d) != block_d
+
+        def regs(c):
+            return tile_regs(kind, c, block_d, elt, bool(args.get("HAS_DROPOUT")), padded)
+
+        def fits(c):
+            kw = c.kwargs
+            smem = smem_bytes(kw["BLOCK_M"], kw["BLOCK_N"], block_d, c.num_stages, elt)
+            return smem <= SMEM_LIMIT and regs(c) <= REG_BUDGET[kind]
+
+        smallest = min(configs, key=regs)
+        if fp32:
+            return [smallest]
+        return [c for c in configs if fits(c)] or [smallest]
+
+    return prune
 
 
 def configs(gpu: list[tuple[int, int, int, int]], interp_block_m: int, interp_block_n: int):

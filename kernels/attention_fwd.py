@@ -33,23 +33,27 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastlm.kernels._autotune import autotune, launch
 from fastlm.kernels._launch import fp32_dot_precision
 from fastlm.kernels.attention_common import (
     LOG2E,
     configs,
     dropout_keep,
+    flat_grid,
     head_block,
     kv_block_range,
     layout_strides,
     load_rows,
     lse_strides,
-    prune_by_smem,
+    pruner,
     seq_bounds,
     seq_bucket,
+    split_pid,
     store_rows,
 )
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on the GPU; pruned by shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on the GPU, best-first for long sequences;
+# pruned by shared memory and registers (attention_common.pruner).
 _GPU_CONFIGS = [
     (128, 128, 8, 3),
     (128, 64, 8, 3),
@@ -106,10 +110,10 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=configs(_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
+@autotune(
+    configs(_GPU_CONFIGS, interp_block_m=32, interp_block_n=32),
     key=["seq_bucket", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "IS_VARLEN"],
-    prune_configs_by={"early_config_prune": prune_by_smem},
+    prune=pruner("fwd"),
 )
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
@@ -122,11 +126,10 @@ def _attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sq or max_seqlen_q, BLOCK_M), B * H). seq_q/seq_k: Sq/Sk or the max
-    seqlens (they also key the dropout counters); total_q/total_k: the packed token counts
-    that bound every sequence; seq_bucket only keys the autotuner."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(Sq or max_seqlen_q, BLOCK_M) * B * H,), see split_pid. seq_q/seq_k: Sq/Sk
+    or the max seqlens (they also key the dropout counters); total_q/total_k: the packed
+    token counts that bound every sequence; seq_bucket only keys the autotuner."""
+    pid_m, pid_bh = split_pid(tl.cdiv(seq_q, BLOCK_M))
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -208,10 +211,8 @@ def attention_fwd(
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads)
-
-    _attn_fwd_kernel[grid](
+    launch(
+        _attn_fwd_kernel, flat_grid(max_seqlen_q, batch * heads, "BLOCK_M"),
         q, k, v, out, lse, kpm, cu_q, cu_k,
         *layout_strides(q, varlen), *layout_strides(k, varlen), *layout_strides(v, varlen),
         *layout_strides(out, varlen), *lse_strides(lse, varlen),

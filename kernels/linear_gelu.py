@@ -41,6 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastlm.kernels._autotune import autotune, launch, regs_per_thread
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
 
 # Epilogue activation codes (constexpr ACT).
@@ -94,7 +95,8 @@ def _configs() -> list[triton.Config]:
 
     # H100: wgmma tiles of 128 rows, 3-4 stages of 64-deep K slices in shared memory. The
     # 64-row tiles serve small M; the BLOCK_K=32 config is the one fp32 fits in shared memory
-    # (configs that do not fit are skipped by the autotuner as out of resources).
+    # (configs that do not fit are skipped by the autotuner as out of resources). Configs
+    # over the register budget are pruned (_prune_by_registers).
     def cfg(bm, bn, bk, stages, warps):
         return triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -114,7 +116,30 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "ACT", "ACT_GRAD", "HAS_RESIDUAL"])
+# Estimated registers per thread above which a config spills on sm_90 (calibrated on the
+# sm_90 compile, tests/kernels/test_sm90_compile.py: the four configs with a 128-element
+# fp32 accumulator per thread spilled 8-968 B in fp16/bf16; fp32 128x64x4w spilled 16 B).
+REG_BUDGET = 128
+
+
+def _prune_by_registers(configs, named_args, **kwargs):
+    """early_config_prune: drop the configs whose accumulator plus operand fragments
+    (_autotune.regs_per_thread) exceed REG_BUDGET; keeps the smallest if none fits. Order
+    is kept: the first survivor is FASTLM_AUTOTUNE=0's pick."""
+    elt = 4 if named_args["A"].dtype == torch.float32 else 2
+
+    def regs(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return regs_per_thread(bm * bn, (bm + bn) * bk, c.num_warps, elt)
+
+    return [c for c in configs if regs(c) <= REG_BUDGET] or [min(configs, key=regs)]
+
+
+@autotune(
+    _configs(),
+    key=["M_BUCKET", "N", "K", "ACT", "ACT_GRAD", "HAS_RESIDUAL"],
+    prune=_prune_by_registers,
+)
 @triton.jit
 def _fused_matmul_kernel(
     A, B, C, BIAS, RES, PRE,
@@ -243,7 +268,8 @@ def fused_matmul(
     aux = act_grad_of if act_grad_of is not None else pre
     dummy = c
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _fused_matmul_kernel[grid](
+    launch(
+        _fused_matmul_kernel, grid,
         a, b, c, bias if bias is not None else dummy, residual if residual is not None else dummy,
         aux if aux is not None else dummy,
         m, n, k, next_pow2(m),

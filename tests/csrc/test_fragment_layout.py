@@ -10,7 +10,8 @@ The CUDA kernels cannot run here, so the parts where a wrong index gives wrong n
   row l/4, cols 2(l%4)(+1), or with .trans col l/4, rows 2(l%4)(+1)).
 - Transcriptions of the kernels' per-lane formulas (attention_fwd.cu: ldmatrix addresses
   of Q, K, V, the S -> P register re-pack, masks, online softmax with quad shuffles,
-  epilogue; attention_decode.cu: key groups, splits, the group merge and the lse combine;
+  epilogue; attention_decode.cu: key groups, splits by actual length, query heads sharing
+  one K/V read (GQA), the group merge and the lse combine;
   layer_norm.cu: launch configuration and the two-stage dweight/dbias reduction).
 
 Each transcription must reproduce the plain-numpy result, so an index error in the kernel
@@ -383,124 +384,192 @@ def test_attention_emulation_detects_a_wrong_repack():
 
 
 # ------------------------------------------------------- attention_decode.cu, per block
-DEC_THREADS, DEC_UNROLL = 128, 4
+DEC_THREADS, DEC_UNROLL, DEC_MAX_QPB = 128, 4, 4
 
 
-def decode_num_splits(batch, seqlen_q, heads, cache_len, sm_count):
-    rows = max(1, batch * seqlen_q * heads)
-    want = math.ceil(2 * max(sm_count, 1) / rows)
+def decode_heads_per_block(heads, kv_heads):  # heads_per_block()
+    group = max(1, heads // max(1, kv_heads))
+    qpb = 1
+    while qpb < group and qpb < DEC_MAX_QPB:
+        qpb *= 2
+    return qpb
+
+
+def decode_num_splits(batch, seqlen_q, heads, kv_heads, cache_len, sm_count):
+    qpb = decode_heads_per_block(heads, kv_heads)
+    blocks = max(1, batch * seqlen_q * kv_heads * math.ceil(heads // max(1, kv_heads) / qpb))
+    want = math.ceil(2 * max(sm_count, 1) / blocks)
     cap = max(1, math.ceil(cache_len / 256))
     return int(min(max(min(want, cap), 1), 64))
 
 
-def decode_split_block(qrow, kc, vc, end, split, splits, cache_len, scale):
-    """decode_split_kernel for one (split, h, b*Sq+i): returns (o (D,), lse2) where lse2 is
-    the log2-unit lse (-inf for an empty split). kc/vc: (cache_len, D) of this (b, kvh)."""
-    D = qrow.shape[0]
+def decode_split_range(end, split, splits, D):
+    """[start, stop) of split ``split`` over a row's ``end`` visible keys."""
+    step = DEC_THREADS // (D // 8) * DEC_UNROLL
+    chunk = math.ceil(math.ceil(end / splits) / step) * step
+    start = split * chunk
+    return start, min(start + chunk, end)
+
+
+def decode_split_block(qrows, kc, vc, end, split, splits, scale, reads):
+    """decode_split_kernel for one (split, kv head block, b*Sq+i): qrows (QPB, D) the block's
+    query heads; returns [(o (D,), lse2)] per head, lse2 in log2 units (-inf for an empty
+    split). kc/vc: (cache_len, D) of this (b, kvh). Every K row the block loads is appended
+    to ``reads`` (once per block, whatever QPB is)."""
+    qpb, D = qrows.shape
     tpk = D // 8
     groups = DEC_THREADS // tpk
     step = groups * DEC_UNROLL
     tid = np.arange(DEC_THREADS)
     g, d0 = tid // tpk, (tid % tpk) * 8
-    chunk = math.ceil(cache_len / splits)
-    start = split * chunk
-    stop = min(start + chunk, end)
-    qv = np.stack([qrow[d0 + e] for e in range(8)], 1) * scale * LOG2E  # (threads, 8)
-    m, lsum, acc = np.full(DEC_THREADS, -np.inf), np.zeros(DEC_THREADS), np.zeros((DEC_THREADS, 8))
+    start, stop = decode_split_range(end, split, splits, D)
+    qv = [np.stack([qrows[qh, d0 + e] for e in range(8)], 1) * scale * LOG2E for qh in range(qpb)]
+    m = [np.full(DEC_THREADS, -np.inf) for _ in range(qpb)]
+    lsum = [np.zeros(DEC_THREADS) for _ in range(qpb)]
+    acc = [np.zeros((DEC_THREADS, 8)) for _ in range(qpb)]
     it = start
     while it < stop:
-        sc, vr = [], []
-        for u in range(DEC_UNROLL):
+        kr, vr, oks = [], [], []
+        for u in range(DEC_UNROLL):  # the block's loads: shared by its query heads
             key = it + u * groups + g
             ok = key < stop
             kk = np.where(ok, key, 0)
-            kv = np.where(ok[:, None], np.stack([kc[kk, d0 + e] for e in range(8)], 1), 0.0)
+            reads.extend(np.unique(key[ok]).tolist())
+            kr.append(np.where(ok[:, None], np.stack([kc[kk, d0 + e] for e in range(8)], 1), 0.0))
             vr.append(np.where(ok[:, None], np.stack([vc[kk, d0 + e] for e in range(8)], 1), 0.0))
-            dot = (qv * kv).sum(1)
-            off = tpk // 2
-            while off > 0:  # __shfl_xor_sync inside the warp (groups never straddle warps)
-                dot = dot + dot[tid ^ off]
-                off //= 2
-            sc.append(np.where(ok, dot, -np.inf))
-        mx = np.max(np.stack(sc), 0)
-        m_new = np.maximum(m, mx)
-        m_use = np.where(m_new == -np.inf, 0.0, m_new)
-        alpha = np.exp2(m - m_use)
-        lsum, acc = lsum * alpha, acc * alpha[:, None]
-        for u in range(DEC_UNROLL):
-            p = np.exp2(sc[u] - m_use)
-            lsum = lsum + p
-            acc = acc + p[:, None] * vr[u]
-        m = m_new
+            oks.append(ok)
+        for qh in range(qpb):
+            sc = []
+            for u in range(DEC_UNROLL):
+                dot = (qv[qh] * kr[u]).sum(1)
+                off = tpk // 2
+                while off > 0:  # __shfl_xor_sync inside the warp (groups never straddle warps)
+                    dot = dot + dot[tid ^ off]
+                    off //= 2
+                sc.append(np.where(oks[u], dot, -np.inf))
+            m_new = np.maximum(m[qh], np.max(np.stack(sc), 0))
+            m_use = np.where(m_new == -np.inf, 0.0, m_new)
+            alpha = np.exp2(m[qh] - m_use)
+            lsum[qh], acc[qh] = lsum[qh] * alpha, acc[qh] * alpha[:, None]
+            for u in range(DEC_UNROLL):
+                p = np.exp2(sc[u] - m_use)
+                lsum[qh] = lsum[qh] + p
+                acc[qh] = acc[qh] + p[:, None] * vr[u]
+            m[qh] = m_new
         it += step
-    sm_m = m[tid % tpk == 0]  # one writer per group, indexed by g
-    sm_l = lsum[tid % tpk == 0]
-    sm_acc = np.zeros((groups, D))
-    for e in range(8):
-        sm_acc[g, d0 + e] = acc[:, e]
-    big = sm_m.max()
-    lt = (np.exp2(sm_m - big) * sm_l).sum() if big != -np.inf else 0.0
-    o = (np.exp2(sm_m - big)[:, None] * sm_acc).sum(0) / lt if lt > 0 else np.zeros(D)
-    return o, (big + math.log2(lt) if lt > 0 else -math.inf)
+    out = []
+    for qh in range(qpb):  # the shared-memory merge, one head at a time
+        sm_m = m[qh][tid % tpk == 0]  # one writer per group, indexed by g
+        sm_l = lsum[qh][tid % tpk == 0]
+        sm_acc = np.zeros((groups, D))
+        for e in range(8):
+            sm_acc[g, d0 + e] = acc[qh][:, e]
+        big = sm_m.max()
+        lt = (np.exp2(sm_m - big) * sm_l).sum() if big != -np.inf else 0.0
+        o = (np.exp2(sm_m - big)[:, None] * sm_acc).sum(0) / lt if lt > 0 else np.zeros(D)
+        out.append((o, big + math.log2(lt) if lt > 0 else -math.inf))
+    return out
 
 
-def decode_kernel(q, kc, vc, seqlens, causal, scale, splits, hkv):
-    """attention_decode(): q (B, Sq, H, D), caches (B, S, Hkv, D) -> o, lse (B, H, Sq)."""
+def decode_kernel(q, kc, vc, seqlens, causal, scale, splits, reads=None):
+    """attention_decode(): q (B, Sq, H, D), caches (B, S, Hkv, D) -> o, lse (B, H, Sq).
+    ``reads`` (a dict): (b, i, kvh) -> the key rows loaded for that row and kv head."""
     B, Sq, H, D = q.shape
-    cache_len = kc.shape[1]
+    hkv, cache_len = kc.shape[2], kc.shape[1]
+    group, qpb = H // hkv, decode_heads_per_block(H, hkv)
+    head_blocks = math.ceil(group / qpb)
     o, lse = np.full((B, Sq, H, D), np.nan), np.full((B, H, Sq), np.nan)
+    reads = {} if reads is None else reads
     for b in range(B):
         for i in range(Sq):
             end = int(seqlens[b]) - ((Sq - 1 - i) if causal else 0)
             end = min(max(end, 0), cache_len)
-            for h in range(H):
-                kvh = h // (H // hkv)
-                parts = [decode_split_block(q[b, i, h], kc[b, :, kvh], vc[b, :, kvh], end, s,
-                                            splits, cache_len, scale) for s in range(splits)]  # fmt: skip
-                if splits == 1:
-                    o[b, i, h] = parts[0][0]
-                    lse[b, h, i] = parts[0][1] * LN2 if parts[0][1] != -math.inf else math.inf
-                    continue
-                lp = np.array([p[1] for p in parts])  # decode_combine_kernel
-                big = lp.max()
-                w = np.exp2(lp - big) if big != -np.inf else np.zeros(splits)
-                wsum = w.sum()
-                o[b, i, h] = (
-                    (w[:, None] * np.stack([p[0] for p in parts])).sum(0) / wsum
-                    if wsum > 0
-                    else 0.0
-                )
-                lse[b, h, i] = (big + math.log2(wsum)) * LN2 if wsum > 0 else math.inf
+            for y in range(hkv * head_blocks):  # grid axis y
+                kvh = y // head_blocks
+                h0 = kvh * group + (y % head_blocks) * qpb
+                nq = min(qpb, kvh * group + group - h0)
+                heads = [h0 + qh if qh < nq else h0 for qh in range(qpb)]
+                got = reads.setdefault((b, i, kvh), [])
+                parts = [decode_split_block(q[b, i, heads], kc[b, :, kvh], vc[b, :, kvh], end, s,
+                                            splits, scale, got) for s in range(splits)]  # fmt: skip
+                for qh in range(nq):
+                    h = h0 + qh
+                    if splits == 1:
+                        o[b, i, h] = parts[0][qh][0]
+                        lse2 = parts[0][qh][1]
+                        lse[b, h, i] = lse2 * LN2 if lse2 != -math.inf else math.inf
+                        continue
+                    lp = np.array([p[qh][1] for p in parts])  # decode_combine_kernel
+                    big = lp.max()
+                    w = np.exp2(lp - big) if big != -np.inf else np.zeros(splits)
+                    wsum = w.sum()
+                    o[b, i, h] = (
+                        (w[:, None] * np.stack([p[qh][0] for p in parts])).sum(0) / wsum
+                        if wsum > 0
+                        else 0.0
+                    )
+                    lse[b, h, i] = (big + math.log2(wsum)) * LN2 if wsum > 0 else math.inf
     return o, lse
 
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 5])
-def test_decode_emulation_matches_reference(D, causal, splits):
-    B, Sq, H, hkv, S = 3, 2, 2, 1, 300
+@pytest.mark.parametrize(
+    "H,hkv", [(4, 4), (4, 2), (4, 1), (6, 2), (6, 1)], ids=["mha", "gqa2", "mqa4", "gqa3", "mqa6"]
+)  # groups of 3 and 6: a partly filled block of 4 heads, and two blocks per kv head
+def test_decode_emulation_matches_reference(D, causal, splits, H, hkv):
+    B, Sq, S = 3, 2, 300
     rng = np.random.default_rng(D + splits)
     q = rng.standard_normal((B, Sq, H, D))
     kc, vc = rng.standard_normal((B, S, hkv, D)), rng.standard_normal((B, S, hkv, D))
     seqlens = np.array([0, 1, 257])  # empty cache, one key (causal: row 0 sees none), ragged
     scale = 1.0 / math.sqrt(D)
-    o, lse = decode_kernel(q, kc, vc, seqlens, causal, scale, splits, hkv)
+    reads = {}
+    o, lse = decode_kernel(q, kc, vc, seqlens, causal, scale, splits, reads)
     for b in range(B):
         for h in range(H):
             ks, vs = kc[b, : seqlens[b], h // (H // hkv)], vc[b, : seqlens[b], h // (H // hkv)]
             o_ref, lse_ref = attention_reference(q[b, :, h], ks, vs, causal, None, scale)
             np.testing.assert_allclose(o[b, :, h], o_ref, rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(lse[b, h], lse_ref, rtol=1e-9, atol=1e-12)
+    # GQA sharing: every visible key of a (row, kv head) is loaded once per block of up to 4
+    # query heads (once for groups of 2 to 4, twice for 6), never once per query head.
+    blocks = math.ceil(H // hkv / DEC_MAX_QPB)
+    for (b, i, _), got in reads.items():
+        end = min(max(int(seqlens[b]) - ((Sq - 1 - i) if causal else 0), 0), S)
+        assert sorted(got) == sorted(list(range(end)) * blocks), (b, i, len(got), end)
 
 
-def test_decode_num_splits_covers_cache():
-    """Every key of every cache length lies in exactly one split, and splits <= 64."""
+def test_decode_num_splits_and_ranges_cover_the_keys():
+    """Splits <= 64, and the splits of a row cover its visible keys exactly once."""
     for cache_len in [0, 1, 255, 256, 257, 5000, 1 << 20]:
         for rows, sms in [(1, 132), (64, 132), (10_000, 132)]:
-            s = decode_num_splits(rows, 1, 1, cache_len, sms)
+            s = decode_num_splits(rows, 1, 8, 2, cache_len, sms)
             assert 1 <= s <= 64
-            chunk = math.ceil(cache_len / s)
-            assert s * chunk >= cache_len
+            for end in sorted({0, 1, cache_len // 3, cache_len}):
+                for D in (64, 128):
+                    keys = [k for sp in range(s) for k in range(*decode_split_range(end, sp, s, D))]
+                    assert keys == list(range(end)), (cache_len, s, end, D)
+
+
+def test_decode_splits_follow_the_actual_length():
+    """A large preallocated cache with short sequences: the splits share the real keys
+    (splitting the capacity put all 300 keys of a 32 K cache in the first of 32 splits)."""
+    cache_len, end, D = 32768, 300, 128
+    splits = decode_num_splits(1, 1, 12, 12, cache_len, 132)
+    assert splits > 8
+    sizes = [len(range(*decode_split_range(end, sp, splits, D))) for sp in range(splits)]
+    assert sum(sizes) == end
+    step = DEC_THREADS // (D // 8) * DEC_UNROLL
+    assert max(sizes) <= math.ceil(math.ceil(end / splits) / step) * step
+    assert sum(1 for n in sizes if n) >= min(splits, end // step)
+
+
+def test_decode_heads_per_block_shares_kv_over_the_group():
+    assert [decode_heads_per_block(h, k) for h, k in [(12, 12), (8, 4), (8, 2), (32, 8), (32, 1)]] == [
+        1, 2, 4, 4, 4,
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------ layer_norm.cu config

@@ -3,7 +3,8 @@
 The launches are the real ones the ops make (recorded under the interpreter on small
 inputs); Triton's GPU compiler then builds each for sm_90 in a subprocess, no GPU needed.
 Catches what the interpreter cannot: tl.dot layout/dtype rules, bf16 code paths, shared
-memory of the autotune configs, and 16-bit dots that miss Hopper's wgmma path. Launches
+memory and register spills of the autotune configs the prune hooks keep, and 16-bit dots
+that miss Hopper's wgmma path. Launches
 are compiled with the JIT's own specializations (16-byte alignment, divisibility by 16,
 ints equal to 1 as constants), which decide vectorization and software pipelining. Every config once per kernel; the first kept config for
 the other dtype and flag variants.
@@ -123,6 +124,19 @@ def test_kernels_compile_for_sm90(workload):
             sig,
             variant,
         )
+
+    # A kept 16-bit autotune config must not spill registers to local memory (the prune
+    # hooks' register estimates, kernels/attention_common.pruner and linear_gelu's, drop
+    # those). fp32 is exempt: its true-fp32 dots run on FMA units and spill at every tile
+    # shape; its prune keeps the smallest config. Kernels launched with one fixed config
+    # ("launch") have no choice to prune.
+    spilling = [
+        (r["kernel"], r["config"], r["constexprs"].get("HEAD_DIM"), r["spill_bytes"])
+        for r in results
+        if r["kept"] and r["ok"] and r["config"] != "launch" and _is_16bit(r)
+        and r.get("spill_bytes")
+    ]  # fmt: skip
+    assert not spilling, f"kept configs spill (kernel, config, head_dim, bytes): {spilling}"
 
     # 16-bit dots run on Hopper's warpgroup MMA (wgmma), not the older mma.sync path.
     for k in DOT_KERNELS & {r["kernel"] for r in results}:
