@@ -49,6 +49,23 @@ def test_kernels_install_inside_the_package(wheel):
     assert not any(n.startswith("kernels/") for n in names)
 
 
+def test_every_python_module_ships(wheel):
+    """The package list in pyproject.toml is explicit (kernels/ and csrc/ are mapped into
+    fastlm): every module of the source tree must be in the wheel, so a new op folder
+    cannot be left out of it."""
+    names = set(wheel[0])
+    missing = []
+    for src, dest in (("fastlm", "fastlm"), ("kernels", "fastlm/kernels")):
+        for folder, _, files in os.walk(os.path.join(ROOT, src)):
+            rel = os.path.relpath(folder, os.path.join(ROOT, src))
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.normpath(os.path.join(dest, rel, f)).replace(os.sep, "/")
+                    if path not in names:
+                        missing.append(path)
+    assert not missing, f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
+
+
 def test_csrc_ships_for_the_jit_build(wheel):
     cu = [n for n in wheel[0] if n.startswith("fastlm/csrc/") and n.endswith(".cu")]
     assert cu, "no CUDA sources in the wheel"
