@@ -493,14 +493,15 @@ def test_bad_inputs_name_the_op():
 # ------------------------------------------------------------------ compile / opcheck
 
 
-def test_torch_compile_fullgraph_with_backward():
+@pytest.mark.parametrize("backend", ["torch", "reference"])  # native autograd; custom ops
+def test_torch_compile_fullgraph_with_backward(backend):
     x, w1, b1, w2, b2, r = _leaves(
         *(torch.randn(s) for s in ((2, 3, 8), (16, 8), (16,), (8, 16), (8,), (2, 3, 8)))
     )
 
     def f(x, w1, b1, w2, b2, r):
-        y = fastlm.linear_gelu(x, w1, b1, approximate="tanh", backend="torch")
-        z = fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend="torch")
+        y = fastlm.linear_gelu(x, w1, b1, approximate="tanh", backend=backend)
+        z = fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend=backend)
         return (y * y).sum() + (z * z).sum()
 
     leaves = [x, w1, b1, w2, b2, r]

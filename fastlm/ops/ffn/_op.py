@@ -23,7 +23,7 @@ the tile is still in registers, and one read in the backward. Storing wins by fa
 forward stores h exactly when a backward can follow (grad mode on and an input that h's
 gradient flows to requires grad) and skips the write for inference. Should h be missing
 anyway (a custom-op caller passing store_pre=False), the backward recomputes it rather than
-fail. Custom ops cannot return None: a tensor of shape (0,) stands for "not stored".
+fail.
 
     linear_gelu:  dh = dy * gelu'(h);  dx = dh W;  dW = dh^T x;  db = sum_rows dh
     gelu_ffn:     dW2 = dout^T a;  db2 = sum_rows dout;  dh1 = (dout W2) * gelu'(h1);
@@ -54,7 +54,8 @@ def _kernels(backend: str):
     return impl
 
 
-def _not_stored(like: torch.Tensor) -> torch.Tensor:
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: a (0,) tensor stands for "not stored" / "not needed"."""
     return like.new_empty((0,))
 
 
@@ -69,7 +70,7 @@ def _row_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _grad_as(g: torch.Tensor | None, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A gradient in its input's dtype, or (0,) when it was not needed."""
-    return g.to(dtype) if g is not None else _not_stored(like)
+    return g.to(dtype) if g is not None else _absent(like)
 
 
 # ------------------------------------------------------------------ linear_gelu
@@ -85,13 +86,13 @@ def linear_gelu_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, h = _kernels(backend).linear_act(x, weight, bias, approximate, store_pre)
-    return y, h if h is not None else _not_stored(x)
+    return y, h if h is not None else _absent(x)
 
 
 @linear_gelu_fwd.register_fake
 def _(x, weight, bias, approximate, store_pre, backend):
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    return y, torch.empty_like(y) if store_pre else _not_stored(x)
+    return y, torch.empty_like(y) if store_pre else _absent(x)
 
 
 @torch.library.custom_op("fastlm::linear_gelu_bwd", mutates_args=())
@@ -126,7 +127,7 @@ def _(dy, x, weight, bias, h, approximate, need_dx, need_dw, need_db, backend):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dw = weight.new_empty(weight.shape) if need_dw else None
     db = weight.new_empty((weight.shape[0],)) if need_db else None
-    return tuple(g if g is not None else _not_stored(x) for g in (dx, dw, db))
+    return tuple(g if g is not None else _absent(x) for g in (dx, dw, db))
 
 
 def _linear_gelu_setup_context(ctx, inputs, output):
@@ -179,14 +180,14 @@ def gelu_ffn_fwd(
     impl = _kernels(backend)
     a, h = impl.linear_act(x, w1, b1, approximate, store_pre)
     out = impl.linear_residual(a, w2, b2, residual)
-    return out, a, h if h is not None else _not_stored(x)
+    return out, a, h if h is not None else _absent(x)
 
 
 @gelu_ffn_fwd.register_fake
 def _(x, w1, b1, w2, b2, residual, approximate, store_pre, backend):
     a = x.new_empty((x.shape[0], w1.shape[0]))
     out = x.new_empty((x.shape[0], w2.shape[0]))
-    return out, a, torch.empty_like(a) if store_pre else _not_stored(x)
+    return out, a, torch.empty_like(a) if store_pre else _absent(x)
 
 
 @torch.library.custom_op("fastlm::gelu_ffn_bwd", mutates_args=())
@@ -229,7 +230,7 @@ def _(dout, x, w1, b1, w2, a, h, approximate, needs, backend):
     shapes = (x.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
     dtypes = (x.dtype, w1.dtype, w1.dtype, w2.dtype, w2.dtype)
     return tuple(
-        x.new_empty(shape, dtype=dtype) if need else _not_stored(x)
+        x.new_empty(shape, dtype=dtype) if need else _absent(x)
         for shape, dtype, need in zip(shapes, dtypes, needs)
     )
 
