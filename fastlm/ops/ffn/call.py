@@ -88,7 +88,9 @@ class FFNCall:
             )
         inter = _check_linear(op, "x", x.shape[-1], w_name, w1, b_name, b1)
         operands = {w_name: w1, b_name: b1}
-        if op == OP_GELU_FFN:
+        if op == OP_LINEAR_GELU:
+            w2 = b2 = residual = None  # no second layer: the record says linear_gelu
+        else:
             out_features = _check_linear(
                 op, "the intermediate activation", inter, "w2", w2, "b2", b2
             )
