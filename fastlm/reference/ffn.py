@@ -37,6 +37,12 @@ def gelu_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return cdf + h * pdf
 
 
+def gelu_backward(dy: torch.Tensor, h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """dh = dy * gelu'(h), in the compute dtype of h (not cast back)."""
+    ct = compute_dtype(h.dtype)
+    return dy.to(ct) * gelu_grad(h.to(ct), approximate)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T + b in the compute dtype (not cast back)."""
     ct = compute_dtype(x.dtype)

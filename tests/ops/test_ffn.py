@@ -1,8 +1,10 @@
-"""fastlm.linear_gelu and fastlm.gelu_ffn: outputs and every gradient against the fp64 reference.
+"""fastlm.linear_gelu and fastlm.gelu_ffn: the output and every gradient, on every backend.
 
-Oracle: fastlm.reference in fp64 (autograd through it). Baseline of the parity rule: PyTorch
-F.linear + F.gelu in the input dtype. Shapes stay small: under TRITON_INTERPRET each program
-instance of the GEMM costs milliseconds.
+Two oracles in fp64: fastlm.reference (autograd through it) and PyTorch's own F.linear +
+F.gelu (independent of fastlm, so a bug shared by a kernel and the reference cannot hide);
+the two are also checked against each other. Baseline of the parity rule: PyTorch F.linear +
+F.gelu in the input dtype, never fastlm's code. Shapes stay small: under TRITON_INTERPRET
+each program instance of the GEMM costs milliseconds.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from hypothesis import strategies as st
 
 import fastlm
 from fastlm.backends import BackendUnavailableError
-from fastlm.ops import ffn as op
+from fastlm.ops.ffn import _op as op
 from fastlm.reference import ffn as ref
 from tests.parity import assert_parity, max_err, rounding_step
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch", "reference"]
+KERNEL_BACKENDS = ["triton", "reference"]  # the ones behind the custom ops (cuda: tests/csrc)
 
 
 def _leaves(*ts):
@@ -55,21 +58,34 @@ def _forward_backward(fn, inputs, dy):
     return out, list(grads)
 
 
-def _compare(fast, oracle, lowp, inputs, dy, names, *, atol=None):
-    """Run the three implementations on ``inputs`` (low dtype tensors, None allowed) and
-    check the output and every gradient with the parity rule."""
+def _compare(fast, oracle, torch_op, inputs, dy, names, *, atol=None):
+    """Run fastlm (``fast``), the fp64 oracles (fastlm.reference = ``oracle``, PyTorch =
+    ``torch_op`` in fp64) and the low-precision baseline (``torch_op`` in the input dtype) on
+    ``inputs`` (low dtype tensors, None allowed); check the output and every gradient with
+    the parity rule against both oracles."""
     out, grads = _forward_backward(fast, inputs, dy)
     up = [None if t is None else t.double() for t in inputs]
     o_out, o_grads = _forward_backward(oracle, up, dy.double())
-    b_out, b_grads = _forward_backward(lowp, inputs, dy)
+    t_out, t_grads = _forward_backward(torch_op, up, dy.double())
+    b_out, b_grads = _forward_backward(torch_op, inputs, dy)
+    # The two oracles agree to fp64 rounding: the reference is PyTorch's math.
+    torch.testing.assert_close(o_out, t_out, rtol=1e-10, atol=1e-10)
+    for og, tg in zip(o_grads, t_grads):
+        torch.testing.assert_close(og, tg, rtol=1e-10, atol=1e-10)
     present = [n for n, t in zip(names, inputs) if t is not None]
     # Every output and gradient here is a GEMM: its reduction runs over one of the dims.
     k = max(d for t in inputs if t is not None for d in t.reshape(-1, t.shape[-1]).shape)
     assert out.dtype == inputs[0].dtype
-    assert_parity(out, o_out, b_out, name="output", atol=_fp32_atol(atol, b_out, o_out, k))
-    for name, g, og, bg in zip(present, grads, o_grads, b_grads):
+    assert out.shape == o_out.shape, f"output: shape {tuple(out.shape)} != {tuple(o_out.shape)}"
+    for oracle_name, oo in (("", o_out), (" vs F.linear+F.gelu", t_out)):
+        tol = _fp32_atol(atol, b_out, oo, k)
+        assert_parity(out, oo, b_out, name="output" + oracle_name, atol=tol)
+    for name, g, og, tg, bg in zip(present, grads, o_grads, t_grads, b_grads):
         assert g.shape == og.shape, f"grad {name}: shape {tuple(g.shape)} != {tuple(og.shape)}"
-        assert_parity(g, og, bg, name=f"grad {name}", atol=_fp32_atol(atol, bg, og, k))
+        assert g.dtype == bg.dtype, f"grad {name}: dtype {g.dtype} != {bg.dtype}"
+        for oracle_name, oracle_g in (("", og), (" vs F.linear+F.gelu", tg)):
+            tol = _fp32_atol(atol, bg, oracle_g, k)
+            assert_parity(g, oracle_g, bg, name=f"grad {name}{oracle_name}", atol=tol)
 
 
 def _fp32_atol(mode, baseline, oracle, reduction=1):
@@ -101,6 +117,7 @@ LG_CASES = [
     ((1,), 24, 1000, "tanh", True, "plain"),
     ((127,), 64, 100, "tanh", False, "strided-x"),
     ((2, 17), 384, 48, "none", True, "conv1d-w"),
+    ((17,), 1000, 40, "none", True, "conv1d-w"),
 ]
 
 
@@ -136,6 +153,7 @@ FFN_CASES = [
     ((127,), 32, 100, 24, "tanh", False, False, "strided-x"),
     ((2, 17), 48, 384, 48, "tanh", True, True, "conv1d-w"),
     ((1,), 16, 64, 1000, "none", True, False, "plain"),
+    ((17,), 384, 32, 384, "tanh", True, True, "plain"),
 ]
 
 
@@ -148,7 +166,7 @@ def _ffn_check(backend, lead, h, inter, h_out, approximate, bias, residual, layo
     r = torch.randn(*lead, h_out, device=device).to(dtype) if residual else None
     dy = torch.randn(*lead, h_out, device=device).to(dtype)
 
-    def lowp(x, w1, b1, w2, b2, r):
+    def torch_ffn(x, w1, b1, w2, b2, r):
         out = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
         return out if r is None else out + r
 
@@ -157,10 +175,14 @@ def _ffn_check(backend, lead, h, inter, h_out, approximate, bias, residual, layo
             x, w1, b1, w2, b2, approximate=approximate, residual=r, backend=backend
         ),
         lambda x, w1, b1, w2, b2, r: ref.gelu_ffn(x, w1, b1, w2, b2, approximate, r),
-        lowp,
+        torch_ffn,
         [x, w1, b1, w2, b2, r],
         dy,
         ["x", "w1", "b1", "w2", "b2", "residual"],
+        # fp32: two chained GEMMs (dW1 = ((dout W2) * gelu'(h1))^T x) exceed the fixed fp32
+        # defaults even when PyTorch computes them (dW1 off by 2e-5 at H = 384), so the
+        # bound is PyTorch's own fp32 error x2 plus the gamma_K ulp floor.
+        atol="baseline",
     )
 
 
@@ -208,26 +230,51 @@ def test_linear_gelu_property(m, k, n, approximate, bias, dtype, scale):
 # ------------------------------------------------------------------ pre-activation storage
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_pre_activation_stored_only_for_backward(backend, device):
     x, w, b = (
         torch.randn(5, 8, device=device),
         torch.randn(12, 8, device=device),
         torch.randn(12, device=device),
     )
-    _, h = op._linear_gelu_fwd(x, w, b, "none", False, backend)
+    _, h = op.linear_gelu_fwd(x, w, b, "none", False, backend)
     assert h.numel() == 0
-    y, h = op._linear_gelu_fwd(x, w, b, "none", True, backend)
+    y, h = op.linear_gelu_fwd(x, w, b, "none", True, backend)
     torch.testing.assert_close(h, ref.linear(x, w, b))
     with torch.no_grad():
         y_ng = fastlm.linear_gelu(x, w, b, backend=backend)
     torch.testing.assert_close(y_ng, y)
     # The backward without a stored h recomputes it: same gradients.
     dy = torch.randn(5, 12, device=device)
-    with_h = op._linear_gelu_bwd(dy, x, w, b, h, "tanh", True, True, True, backend)
-    without = op._linear_gelu_bwd(dy, x, w, b, x.new_empty((0,)), "tanh", True, True, True, backend)
+    with_h = op.linear_gelu_bwd(dy, x, w, b, h, "tanh", True, True, True, backend)
+    without = op.linear_gelu_bwd(dy, x, w, b, x.new_empty((0,)), "tanh", True, True, True, backend)
     for g1, g2 in zip(with_h, without):
         torch.testing.assert_close(g1, g2)
+
+
+def test_pre_activation_stored_only_when_a_backward_can_follow(monkeypatch, device):
+    """The forward writes h only when grad mode is on and an input h's gradient flows to
+    (x, w1, b1) requires grad; for inference and second-layer-only training it skips it."""
+    seen = []
+    for name in ("linear_gelu_fwd", "gelu_ffn_fwd"):
+        real = getattr(op, name)
+        monkeypatch.setattr(op, name, lambda *a, real=real: seen.append(a[-2]) or real(*a))
+    x = torch.randn(3, 4, device=device)
+    w1, b1 = torch.randn(6, 4, device=device), torch.randn(6, device=device)
+    w2 = torch.randn(5, 6, device=device)
+
+    def both():
+        fastlm.linear_gelu(x, w1, b1, backend="reference")
+        fastlm.gelu_ffn(x, w1, b1, w2, None, backend="reference")
+
+    both()  # nothing requires grad
+    w2.requires_grad_()
+    both()  # only the second layer: h1 is not needed
+    b1.requires_grad_()
+    both()
+    with torch.no_grad():
+        both()
+    assert seen == [False, False, False, False, True, True, False, False]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,7 +300,9 @@ def test_gelu_ffn_grads_of_second_layer_only(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lead,k,n", [((0,), 8, 12), ((2, 0), 8, 12), ((3,), 0, 12), ((3,), 8, 0)])
+@pytest.mark.parametrize(
+    "lead,k,n", [((0,), 8, 12), ((2, 0), 8, 12), ((3,), 0, 12), ((2, 3), 0, 12), ((3,), 8, 0)]
+)
 def test_linear_gelu_zero_size(backend, lead, k, n, device):
     x, w, b = _leaves(
         torch.randn(*lead, k, device=device),
@@ -444,14 +493,15 @@ def test_bad_inputs_name_the_op():
 # ------------------------------------------------------------------ compile / opcheck
 
 
-def test_torch_compile_fullgraph_with_backward():
+@pytest.mark.parametrize("backend", ["torch", "reference"])  # native autograd; custom ops
+def test_torch_compile_fullgraph_with_backward(backend):
     x, w1, b1, w2, b2, r = _leaves(
         *(torch.randn(s) for s in ((2, 3, 8), (16, 8), (16,), (8, 16), (8,), (2, 3, 8)))
     )
 
     def f(x, w1, b1, w2, b2, r):
-        y = fastlm.linear_gelu(x, w1, b1, approximate="tanh", backend="torch")
-        z = fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend="torch")
+        y = fastlm.linear_gelu(x, w1, b1, approximate="tanh", backend=backend)
+        z = fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend=backend)
         return (y * y).sum() + (z * z).sum()
 
     leaves = [x, w1, b1, w2, b2, r]
@@ -465,19 +515,19 @@ def test_torch_compile_fullgraph_with_backward():
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend, device):
     x, w1, b1, w2, b2, r = _leaves(
         *(torch.randn(s, device=device) for s in ((5, 8), (12, 8), (12,), (8, 12), (8,), (5, 8)))
     )
-    torch.library.opcheck(op._linear_gelu_fwd, (x, w1, b1, "tanh", True, backend))
-    torch.library.opcheck(op._linear_gelu_fwd, (x, w1, None, "none", False, backend))
-    torch.library.opcheck(op._gelu_ffn_fwd, (x, w1, b1, w2, b2, r, "none", True, backend))
-    torch.library.opcheck(op._gelu_ffn_fwd, (x, w1, None, w2, None, None, "tanh", True, backend))
+    torch.library.opcheck(op.linear_gelu_fwd, (x, w1, b1, "tanh", True, backend))
+    torch.library.opcheck(op.linear_gelu_fwd, (x, w1, None, "none", False, backend))
+    torch.library.opcheck(op.gelu_ffn_fwd, (x, w1, b1, w2, b2, r, "none", True, backend))
+    torch.library.opcheck(op.gelu_ffn_fwd, (x, w1, None, w2, None, None, "tanh", True, backend))
     dy = torch.randn(5, 12, device=device)
     h = torch.randn(5, 12, device=device)
     torch.library.opcheck(
-        op._linear_gelu_bwd,
+        op.linear_gelu_bwd,
         (dy, x.detach(), w1.detach(), b1.detach(), h, "none", True, True, True, backend),
     )
     a = torch.randn(5, 12, device=device)
@@ -494,4 +544,4 @@ def test_opcheck(backend, device):
         [True] * 5,
         backend,
     )
-    torch.library.opcheck(op._gelu_ffn_bwd, args)
+    torch.library.opcheck(op.gelu_ffn_bwd, args)

@@ -1,0 +1,138 @@
+"""The record of one fastlm.linear_gelu or fastlm.gelu_ffn call, and every check of its
+arguments.
+
+linear_gelu is gelu_ffn's first layer alone, so one record serves both: ``w2`` is None for
+linear_gelu. Validation happens once, here, before any backend is chosen: types, dtypes,
+devices, shapes, strides and ``approximate``. Backends then only state their own limits
+(``reason(call)`` in ``_<backend>.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlm.ops import _checks as C
+
+OP_LINEAR_GELU = "linear_gelu"
+OP_GELU_FFN = "gelu_ffn"
+# The torch.nn.functional.gelu ``approximate`` values: exact erf GELU (BERT), tanh (GPT-2).
+APPROXIMATIONS = ("none", "tanh")
+# What each op calls its first layer's weight and bias in its signature (and messages).
+_FIRST_LAYER_NAMES = {OP_LINEAR_GELU: ("weight", "bias"), OP_GELU_FFN: ("w1", "b1")}
+
+
+@dataclass(frozen=True, slots=True)
+class FFNCall:
+    """x (..., K); w1 (N, K), b1 (N,) or None; for gelu_ffn also w2 (H, N), b2 (H,) or None
+    and residual (..., H) or None. Weights as torch.nn.Linear (out_features, in_features),
+    any strides.
+
+        linear_gelu:  y   = gelu(x w1^T + b1)
+        gelu_ffn:     out = gelu(x w1^T + b1) w2^T + b2 (+ residual)
+    """
+
+    x: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor | None
+    b2: torch.Tensor | None
+    residual: torch.Tensor | None
+    approximate: str
+
+    @property
+    def op(self) -> str:
+        return OP_LINEAR_GELU if self.w2 is None else OP_GELU_FFN
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        last = self.w1 if self.w2 is None else self.w2
+        return (*self.x.shape[:-1], last.shape[0])
+
+    def dispatch_key(self) -> tuple:
+        # No alignment flags: the CUDA epilogue kernels choose their vector path at run time.
+        return (self.x.device, self.x.dtype, self.approximate)
+
+    @classmethod
+    def checked(
+        cls,
+        op: str,
+        x,
+        w1,
+        b1,
+        w2=None,
+        b2=None,
+        residual=None,
+        *,
+        approximate,
+    ) -> FFNCall:
+        """Validate the public arguments of ``op`` (linear_gelu: x, weight, bias; gelu_ffn:
+        all) and build the record. Raises TypeError/ValueError naming the op, what was
+        expected and what was given."""
+        w_name, b_name = _FIRST_LAYER_NAMES[op]
+        C.check_tensor(op, "x", x)
+        C.check_float(op, "x", x)
+        if x.dim() < 1:
+            raise ValueError(
+                f"fastlm.{op}: x must have at least 1 dimension (..., in_features), got a 0-d tensor"
+            )
+        C.check_last_dim_contiguous(op, "x", x)
+        if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+            raise ValueError(
+                f"fastlm.{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}"
+            )
+        inter = _check_linear(op, "x", x.shape[-1], w_name, w1, b_name, b1)
+        operands = {w_name: w1, b_name: b1}
+        if op == OP_LINEAR_GELU:
+            w2 = b2 = residual = None  # no second layer: the record says linear_gelu
+        else:
+            out_features = _check_linear(
+                op, "the intermediate activation", inter, "w2", w2, "b2", b2
+            )
+            if residual is not None:
+                out_shape = (*x.shape[:-1], out_features)
+                C.check_tensor(op, "residual", residual)
+                if tuple(residual.shape) != out_shape:
+                    raise ValueError(
+                        f"fastlm.{op}: residual must have the output's shape {out_shape}, "
+                        f"got {tuple(residual.shape)}"
+                    )
+                C.check_last_dim_contiguous(op, "residual", residual)
+            operands.update(w2=w2, b2=b2, residual=residual)
+        for name, t in operands.items():
+            if t is not None:
+                C.check_float(op, name, t)
+        C.check_same_dtype(op, "x", x, **operands)
+        C.check_same_device(op, "x", x, **operands)
+        return cls(x, w1, b1, w2, b2, residual, approximate)
+
+
+def _check_linear(op: str, x_name: str, in_features: int, w_name: str, weight, b_name: str, bias):
+    """Checks a (weight, bias) pair applied to ``in_features`` inputs; returns out_features."""
+    C.check_tensor(op, w_name, weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"fastlm.{op}: {w_name} must be 2-D (out_features, in_features) like "
+            f"torch.nn.Linear.weight, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != in_features:
+        raise ValueError(
+            f"fastlm.{op}: {w_name} has in_features {weight.shape[1]} (shape "
+            f"{tuple(weight.shape)}) but {x_name} has {in_features} features; expected "
+            f"{w_name} of shape (*, {in_features})"
+        )
+    out_features = weight.shape[0]
+    if bias is not None:
+        C.check_tensor(op, b_name, bias)
+        if bias.dim() != 1 or bias.shape[0] != out_features:
+            raise ValueError(
+                f"fastlm.{op}: {b_name} must have shape ({out_features},) to match {w_name} "
+                f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+            )
+        C.check_last_dim_contiguous(op, b_name, bias)
+    return out_features
