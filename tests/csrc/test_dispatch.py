@@ -341,6 +341,9 @@ def contract_ext(monkeypatch):
     monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
     monkeypatch.setattr(_cuda_ext, "op_reason", lambda op, **call: None)
     monkeypatch.setattr(_cuda_ext, "module", lambda: ops)
+    from fastlm.ops.ffn import _cuda as ffn_cuda
+
+    monkeypatch.setattr(ffn_cuda, "reason", lambda call: None)  # CPU tensors, fake kernels
     return ops
 
 
@@ -407,12 +410,12 @@ def test_linear_gelu_cuda_expanded_grad_and_inference(contract_ext):
 
 
 def test_ffn_cuda_backward_recomputes_missing_pre_activation(contract_ext):
-    from fastlm.ops import ffn as ffn_op
+    from fastlm.ops.ffn import _op as ffn_op
 
     x, w, b, dy = torch.randn(5, 8), torch.randn(10, 8), torch.randn(10), torch.randn(5, 10)
     missing = x.new_empty((0,))
-    got = ffn_op._linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "cuda")
-    want = ffn_op._linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "torch")
+    got = ffn_op.linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "cuda")
+    want = ffn_op.linear_gelu_bwd(dy, x, w, b, missing, "none", True, True, True, "reference")
     for g, gw in zip(got, want):
         torch.testing.assert_close(g, gw)
 
