@@ -302,6 +302,21 @@ Tensor bias_residual_add(const Tensor& x, const std::optional<Tensor>& bias,
 // q/k/v checks shared by the dense, varlen and decode entry points: dtype fp16/bf16, head
 // dim 64/128, 16-byte aligned data and strides that are multiples of 8 elements (the
 // kernels move 16-byte chunks), H divisible by Hkv.
+bool supported_head_dim(int64_t d) {
+  for (int h : fastlm::kAttentionHeadDims) {
+    if (d == h) return true;
+  }
+  return false;
+}
+
+std::string supported_head_dims_text() {
+  std::string text;
+  for (int h : fastlm::kAttentionHeadDims) {
+    text += (text.empty() ? "" : ", ") + std::to_string(h);
+  }
+  return text;
+}
+
 void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, int seq_dims) {
   const int nd = seq_dims + 2;  // (..., heads, head_dim)
   const char* names[3] = {"q", "k", "v"};
@@ -314,17 +329,19 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
     check_same_dtype(op, names[i], t, q);
     check_last_contig(op, names[i], t);
     for (int d = 0; d < nd - 1; ++d) {
-      TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, where(op), ": ", names[i],
-                  " strides must be multiples of 8 elements (16 bytes), got strides ",
-                  t.strides());
+      TORCH_CHECK(t.stride(d) * t.element_size() % fastlm::kOperandAlignBytes == 0 || t.size(d) == 1,
+                  where(op), ": ", names[i], " strides must be multiples of ",
+                  fastlm::kOperandAlignBytes, " bytes, got strides ", t.strides());
     }
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, where(op), ": ", names[i],
-                " data must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % fastlm::kOperandAlignBytes == 0,
+                where(op), ": ", names[i], " data must be ", fastlm::kOperandAlignBytes,
+                "-byte aligned");
   }
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, where(op),
                    ": q must be float16 or bfloat16, got ", q.scalar_type());
   const int64_t d = q.size(-1);
-  TORCH_CHECK(d == 64 || d == 128, where(op), ": head_dim must be 64 or 128, got ", d);
+  TORCH_CHECK(supported_head_dim(d), where(op), ": head_dim must be one of ",
+              supported_head_dims_text(), ", got ", d);
   TORCH_CHECK(k.size(-1) == d && v.size(-1) == d, where(op),
               ": q, k and v must share head_dim, got ", d, ", ", k.size(-1), ", ", v.size(-1));
   TORCH_CHECK(k.sizes() == v.sizes(), where(op), ": k and v must have one shape, got ",
@@ -342,7 +359,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   const int64_t bsz = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3);
   const int64_t sk = k.size(1);
   TORCH_CHECK(k.size(0) == bsz, where(op), ": k batch ", k.size(0), " != q batch ", bsz);
-  TORCH_CHECK(bsz <= 65535 && h <= 65535, where(op), ": batch and heads must be <= 65535, got ",
+  TORCH_CHECK(bsz <= fastlm::kMaxGridYZ && h <= fastlm::kMaxGridYZ, where(op), ": batch and heads must be <= ", fastlm::kMaxGridYZ, ", got ",
               bsz, " and ", h);
   if (key_padding_mask) {
     const Tensor& mk = *key_padding_mask;
@@ -407,7 +424,7 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& q, const Tensor& k
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, where(op),
               ": max_seqlen_q/k must be non-negative, got ", max_seqlen_q, ", ", max_seqlen_k);
   const int64_t bsz = cu_seqlens_q.size(0) - 1, total_q = q.size(0), h = q.size(1);
-  TORCH_CHECK(bsz <= 65535 && h <= 65535, where(op), ": batch and heads must be <= 65535");
+  TORCH_CHECK(bsz <= fastlm::kMaxGridYZ && h <= fastlm::kMaxGridYZ, where(op), ": batch and heads must be <= ", fastlm::kMaxGridYZ);
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor o = at::empty({total_q, h, q.size(2)}, q.options());
   Tensor lse = at::empty({h, total_q}, q.options().dtype(at::kFloat));
@@ -451,8 +468,9 @@ std::tuple<Tensor, Tensor> attention_decode(const Tensor& q, const Tensor& k_cac
   TORCH_CHECK(seqlens_k.dim() == 1 && seqlens_k.size(0) == bsz && seqlens_k.is_contiguous(),
               where(op), ": cache_seqlens must be a contiguous (", bsz, ",) tensor, got shape ",
               seqlens_k.sizes());
-  TORCH_CHECK(h <= 65535 && bsz * sq <= 65535, where(op),
-              ": heads and batch * seqlen_q must be <= 65535, got ", h, " and ", bsz * sq);
+  TORCH_CHECK(h <= fastlm::kMaxGridYZ && bsz * sq <= fastlm::kMaxGridYZ, where(op),
+              ": heads and batch * seqlen_q must be <= ", fastlm::kMaxGridYZ, ", got ", h, " and ",
+              bsz * sq);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t cache_len = k_cache.size(1);
   const int splits =

@@ -14,6 +14,8 @@
 
 #include <cuda_runtime.h>
 
+#include "fastlm_limits.h"
+
 namespace fastlm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -25,7 +27,6 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // x, residual, y, z: (M, N) with the given row strides, contiguous rows.
 // weight, bias: (N,) of dtype `wdtype` (== dtype, or kFloat32), or nullptr.
 // mean, rstd: (M,) fp32, contiguous.  residual == nullptr: z is not written.
-constexpr int kLayerNormMaxN = 16384;
 
 struct LayerNormFwdArgs {
   const void* x;

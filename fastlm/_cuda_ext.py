@@ -55,14 +55,44 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import threading
 
 import torch
 
 logger = logging.getLogger("fastlm")
 
-LAYER_NORM_MAX_N = 16384  # kLayerNormMaxN in csrc/fastlm_kernels.h
-ATTENTION_HEAD_DIMS = (64, 128)
+
+def _read_limits(path: str) -> dict[str, int | tuple[int, ...]]:
+    """The ``inline constexpr int kName = value;`` (or ``kName[] = {...};``) lines of
+    csrc/fastlm_limits.h, the one table of the kernels' limits that the binding checks too."""
+    with open(path) as f:
+        text = f.read()
+    limits: dict[str, int | tuple[int, ...]] = {}
+    for name, array, value in re.findall(
+        r"inline constexpr int (k\w+)(\[\])?\s*=\s*\{?([-\d,\s]+)\}?;", text
+    ):
+        numbers = tuple(int(v) for v in value.replace(",", " ").split())
+        limits[name] = numbers if array else numbers[0]
+    return limits
+
+
+def csrc_dir() -> str:
+    """The CUDA sources: the installed ``fastlm.csrc`` package, else the repository's csrc/."""
+    spec = importlib.util.find_spec("fastlm.csrc")
+    if spec is not None and spec.submodule_search_locations:
+        for path in spec.submodule_search_locations:
+            if os.path.exists(os.path.join(path, "binding.cpp")):
+                return path
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+LIMITS = _read_limits(os.path.join(csrc_dir(), "fastlm_limits.h"))
+LAYER_NORM_MAX_N: int = LIMITS["kLayerNormMaxN"]
+ATTENTION_HEAD_DIMS: tuple[int, ...] = LIMITS["kAttentionHeadDims"]
+MAX_GRID_YZ: int = LIMITS["kMaxGridYZ"]
+ATTENTION_MIN_CAPABILITY: tuple[int, int] = divmod(LIMITS["kAttentionMinCapability"], 10)
+OPERAND_ALIGN_BYTES: int = LIMITS["kOperandAlignBytes"]
 _OPS = (
     "layer_norm",
     "linear_gelu",
@@ -74,16 +104,6 @@ _OPS = (
 
 _lock = threading.Lock()
 _state: tuple[object | None, str | None] | None = None
-
-
-def csrc_dir() -> str:
-    """The CUDA sources: the installed ``fastlm.csrc`` package, else the repository's csrc/."""
-    spec = importlib.util.find_spec("fastlm.csrc")
-    if spec is not None and spec.submodule_search_locations:
-        for path in spec.submodule_search_locations:
-            if os.path.exists(os.path.join(path, "binding.cpp")):
-                return path
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
 def _cache_dir() -> str:

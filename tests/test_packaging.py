@@ -63,7 +63,9 @@ def test_every_python_module_ships(wheel):
                     path = os.path.normpath(os.path.join(dest, rel, f)).replace(os.sep, "/")
                     if path not in names:
                         missing.append(path)
-    assert not missing, f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
+    assert not missing, (
+        f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
+    )
 
 
 def test_csrc_ships_for_the_jit_build(wheel):

@@ -20,8 +20,6 @@ from fastlm import _cuda_ext, backends
 from fastlm.ops.attention import _reference, _triton
 from fastlm.ops.attention.call import AttentionCall, cu_seqlens_invalid
 
-CUDA_MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
-MIN_CAPABILITY = (8, 0)  # mma.sync for fp16/bf16
 LOG2E = math.log2(math.e)  # log2(e): natural lse -> the Triton kernels' base-2 lse
 
 
@@ -35,18 +33,19 @@ def reason(call: AttentionCall) -> str | None:
     if call.dropout_p:
         return f"the CUDA attention kernels have no dropout, got dropout_p={call.dropout_p}"
     # The kernel's grid is (query blocks, heads, batch): grid.y = heads, grid.z = batch.
-    if call.batch > CUDA_MAX_GRID_YZ or call.heads > CUDA_MAX_GRID_YZ:
+    if call.batch > _cuda_ext.MAX_GRID_YZ or call.heads > _cuda_ext.MAX_GRID_YZ:
         return (
-            f"the CUDA attention kernel needs batch <= {CUDA_MAX_GRID_YZ} and heads <= "
-            f"{CUDA_MAX_GRID_YZ}, got {call.batch} and {call.heads}"
+            f"the CUDA attention kernel needs batch <= {_cuda_ext.MAX_GRID_YZ} and heads <= "
+            f"{_cuda_ext.MAX_GRID_YZ}, got {call.batch} and {call.heads}"
         )
     if call.device.type != "cuda":
         return f"the CUDA C++ kernels need CUDA tensors, got device {call.device.type!r}"
     capability = torch.cuda.get_device_capability(call.device)
-    if capability < MIN_CAPABILITY:
+    if capability < _cuda_ext.ATTENTION_MIN_CAPABILITY:
+        need = ".".join(map(str, _cuda_ext.ATTENTION_MIN_CAPABILITY))
         return (
-            "the CUDA attention kernels need compute capability >= 8.0 (mma.sync bf16/fp16), "
-            f"got {capability[0]}.{capability[1]}"
+            f"the CUDA attention kernels need compute capability >= {need} (mma.sync "
+            f"bf16/fp16), got {capability[0]}.{capability[1]}"
         )
     for name, t, aligned in zip("qkv", (call.q, call.k, call.v), call.aligned16()):
         if not aligned:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastlm import _cuda_ext
 from fastlm.ops import _checks as C
 
 OP = "attention"
@@ -129,9 +130,10 @@ class AttentionCall:
 
 
 def _aligned16(t: torch.Tensor, address: bool) -> bool:
-    step = 16 // t.element_size()
+    align = _cuda_ext.OPERAND_ALIGN_BYTES  # the CUDA kernels' 16-byte cp.async/ldmatrix
+    step = align // t.element_size()
     strides_ok = all(s % step == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
-    return strides_ok and (not address or t.data_ptr() % 16 == 0)
+    return strides_ok and (not address or t.data_ptr() % align == 0)
 
 
 def _check_qkv(op: str, q: object, k: object, v: object, ndim: int, layout: str) -> None:
