@@ -37,7 +37,7 @@ dims are flattened by the caller, last dim contiguous):
 ``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 softmax_scale=None, causal=False) -> (o, lse)``
     q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens int32 (B + 1,); lse (H, total_q).
-``attention_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True)
+``attention_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=True)
 -> (o, lse)``
     q (B, Sq, H, D), caches (B, S_cache, Hkv, D), cache_seqlens int32 (B,) = valid keys per
     sequence (new keys already written); split-KV, no host sync.
@@ -329,9 +329,10 @@ class _Ops:
             bool(causal),
         )
 
-    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        return self._ops.attention_decode(q, k_cache, v_cache, cache_seqlens, scale, bool(causal))
+    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=True):
+        return self._ops.attention_decode(
+            q, k_cache, v_cache, cache_seqlens, float(softmax_scale), bool(causal)
+        )
 
 
 def _reset_for_tests() -> None:
