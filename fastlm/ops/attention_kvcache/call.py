@@ -60,6 +60,8 @@ class KVCacheCall:
         return tuple(_cuda_ext._aligned16(t) for t in (self.q, self.k_cache, self.v_cache))
 
     def dispatch_key(self) -> tuple:
+        """What the backends' reasons read: device, dtype, head_dim, heads and batch * Sq
+        (CUDA grid), query rows per kv head (Triton grid), and on CUDA the alignments."""
         bsz, sq, h, d = self.q.shape
         key = (
             self.device,
@@ -68,7 +70,6 @@ class KVCacheCall:
             h,
             bsz * sq,
             sq * (h // self.k_cache.shape[2]),  # query rows per kv head (Triton's grid)
-            self.s_max == 0,
         )
         return key + self.aligned16() if self.device.type == "cuda" else key
 
