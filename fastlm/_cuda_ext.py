@@ -38,11 +38,10 @@ dims are flattened by the caller, last dim contiguous):
 softmax_scale, causal=False) -> (o, lse)``
     q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens int32 (B + 1,) contiguous and
     valid (the kernel reads them unclamped); lse (H, total_q).
-``attention_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True)
+``attention_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=True)
 -> (o, lse)``
     q (B, Sq, H, D), caches (B, S_cache, Hkv, D), cache_seqlens int32 (B,) = valid keys per
     sequence (new keys already written); split-KV, no host sync.
-``supports(op, **call) -> str | None``   why a call is out of the kernels' limits.
 
 These are forward kernels: the ops in fastlm.ops keep autograd (the backward of
 attention runs on the Triton or torch backend).
@@ -53,7 +52,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import logging
-import math
 import os
 import re
 import threading
@@ -93,14 +91,6 @@ ATTENTION_HEAD_DIMS: tuple[int, ...] = LIMITS["kAttentionHeadDims"]
 MAX_GRID_YZ: int = LIMITS["kMaxGridYZ"]
 ATTENTION_MIN_CAPABILITY: tuple[int, int] = divmod(LIMITS["kAttentionMinCapability"], 10)
 OPERAND_ALIGN_BYTES: int = LIMITS["kOperandAlignBytes"]
-_OPS = (
-    "layer_norm",
-    "linear_gelu",
-    "gelu_ffn",
-    "attention",
-    "attention_varlen",
-    "attention_with_kvcache",
-)
 
 _lock = threading.Lock()
 _state: tuple[object | None, str | None] | None = None
@@ -216,78 +206,32 @@ def module() -> _Ops:
     return mod
 
 
-def op_reason(op: str, **call) -> str | None:
-    """Why the CUDA backend cannot serve this particular call (None: it can)."""
-    reason = supports(op, **call)  # cheap checks first: no build for a call it cannot serve
-    if reason is not None:
-        return reason
-    return unavailable_reason()
+# ------------------------------------------------------------------ shared limit checks
+# Each op's fastlm/ops/<op>/_cuda.py declares that op's limits with these and LIMITS.
 
 
-# ------------------------------------------------------------------ per-call limits
-
-
-def _capability_reason(t: torch.Tensor) -> str | None:
-    if t.device.type != "cuda":
-        return f"the CUDA C++ kernels need CUDA tensors, got device {t.device.type!r}"
-    major, minor = torch.cuda.get_device_capability(t.device)
-    if major < 8:
-        return f"the attention kernels need compute capability >= 8.0 (mma.sync bf16/fp16), got {major}.{minor}"
-    return None
-
-
-def _aligned16(t: torch.Tensor) -> bool:
-    """16-byte aligned data and every stride but the last a multiple of 16 bytes."""
-    step = 16 // t.element_size()
-    strides_ok = all(s % step == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
-    return t.data_ptr() % 16 == 0 and strides_ok
-
-
-def _attention_reason(q, k=None, v=None, dropout_p=0.0, **_) -> str | None:
-    if q is None:
-        return None
-    if (r := _capability_reason(q)) is not None:
-        return r
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA attention kernels take float16 or bfloat16, got {str(q.dtype).replace('torch.', '')}"
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+def capability_reason(device: torch.device) -> str | None:
+    """Why the attention kernels cannot run on ``device`` (CUDA, sm_80 or newer)."""
+    if device.type != "cuda":
+        return f"the CUDA C++ kernels need CUDA tensors, got device {device.type!r}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < ATTENTION_MIN_CAPABILITY:
+        need = ".".join(map(str, ATTENTION_MIN_CAPABILITY))
         return (
-            f"the CUDA attention kernels support head_dim {ATTENTION_HEAD_DIMS}, got {q.shape[-1]}"
+            f"the CUDA attention kernels need compute capability >= {need} (mma.sync "
+            f"bf16/fp16), got {capability[0]}.{capability[1]}"
         )
-    if dropout_p:
-        return f"the CUDA attention kernels have no dropout, got dropout_p={dropout_p}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t is not None and not _aligned16(t):
-            return f"{name} needs 16-byte aligned data and strides (multiples of 8 elements), got strides {tuple(t.stride())}"
     return None
 
 
-def supports(op: str, **call) -> str | None:
-    """Why the kernels cannot serve ``op`` with these arguments (None: they can).
-
-    Keyword arguments are the op's tensors and options by name (``x``, ``n``, ``q``, ``k``,
-    ``v``, ``dropout_p``, ``approximate`` ...); missing ones are not checked.
-    """
-    if op not in _OPS:
-        raise ValueError(f"fastlm._cuda_ext.supports: unknown op {op!r}; expected one of {_OPS}")
-    if op == "layer_norm":
-        x, n = call.get("x"), call.get("n")
-        if n is None and x is not None:
-            n = x.shape[-1]
-        if n is not None and n > LAYER_NORM_MAX_N:
-            return f"hidden size {n} exceeds the CUDA kernel's limit of {LAYER_NORM_MAX_N}"
-        if x is not None and x.device.type != "cuda":
-            return f"the CUDA C++ kernels need CUDA tensors, got device {x.device.type!r}"
-        return None
-    if op in ("linear_gelu", "gelu_ffn"):
-        approximate = call.get("approximate", "none")
-        if approximate not in ("none", "tanh"):
-            return f"approximate must be 'none' or 'tanh', got {approximate!r}"
-        x = call.get("x")
-        if x is not None and x.device.type != "cuda":
-            return f"the CUDA C++ kernels need CUDA tensors, got device {x.device.type!r}"
-        return None
-    return _attention_reason(**call)
+def aligned(t: torch.Tensor, *, address: bool = True) -> bool:
+    """Whether ``t`` suits the attention kernels' 16-byte cp.async/ldmatrix loads: every
+    stride but the last a multiple of 16 bytes and (``address``) 16-byte aligned data.
+    Under torch.compile pass address=False: data_ptr() cannot be traced, and the binding
+    checks the address at run time anyway."""
+    step = OPERAND_ALIGN_BYTES // t.element_size()
+    strides_ok = all(s % step == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
+    return strides_ok and (not address or t.data_ptr() % OPERAND_ALIGN_BYTES == 0)
 
 
 # ------------------------------------------------------------------ the callable module
@@ -295,8 +239,6 @@ def supports(op: str, **call) -> str | None:
 
 class _Ops:
     """Python face of torch.ops.fastlm_cuda (see the module docstring for signatures)."""
-
-    supports = staticmethod(supports)
 
     @property
     def _ops(self):
@@ -345,9 +287,10 @@ class _Ops:
             float(softmax_scale), bool(causal),
         )  # fmt: skip
 
-    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True):
-        scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-        return self._ops.attention_decode(q, k_cache, v_cache, cache_seqlens, scale, bool(causal))
+    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=True):
+        return self._ops.attention_decode(
+            q, k_cache, v_cache, cache_seqlens, float(softmax_scale), bool(causal)
+        )
 
 
 def _reset_for_tests() -> None:

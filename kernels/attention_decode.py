@@ -63,7 +63,8 @@ def _append_kv_kernel(
     # scalar loaded value.
     start = tl.load(SEQLENS + b) + tl.zeros((BLOCK_H, 1), dtype=tl.int32)
     # A sequence whose new tokens do not all fit is left untouched (its output is NaN).
-    ok = (heads < Hkv) & (dims < D) & (start >= 0) & (start + Sq <= S_max)
+    # start <= S_max - Sq, not start + Sq <= S_max: near 2^31 the sum wraps negative.
+    ok = (heads < Hkv) & (dims < D) & (start >= 0) & (start <= S_max - Sq)
     pos = start + i
     b64 = b.to(tl.int64)
     pos64 = pos.to(tl.int64)
@@ -96,9 +97,10 @@ def _decode_split_kernel(
     dim_ok = dims < D
     b64 = b.to(tl.int64)
 
-    seqlen = tl.load(SEQLENS + b) + seq_extra
-    bad = (seqlen < seq_extra) | (seqlen > S_max)  # cache_seqlens < 0 or overflowing the cache
-    n_keys = tl.where(bad, 0, seqlen)
+    cached = tl.load(SEQLENS + b)
+    # cache_seqlens < 0 or overflowing the cache (compared before adding: no int32 wrap).
+    bad = (cached < 0) | (cached > S_max - seq_extra)
+    n_keys = tl.where(bad, 0, cached + seq_extra)
 
     # This split's share of the sequence's key blocks.
     blocks = tl.cdiv(n_keys, BLOCK_N)
@@ -188,8 +190,8 @@ def _decode_combine_kernel(
         other=0.0,
     )
     out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    seqlen = tl.load(SEQLENS + b) + seq_extra
-    bad = (seqlen < seq_extra) | (seqlen > S_max)
+    cached = tl.load(SEQLENS + b)
+    bad = (cached < 0) | (cached > S_max - seq_extra)
     out = tl.where(bad, float("nan"), out)
     o_ptrs = OUT + b.to(tl.int64) * s_ob + i * s_os + h * s_oh + dims
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=dim_ok)

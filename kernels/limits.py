@@ -15,3 +15,7 @@ ATTENTION_MAX_HEAD_DIM = 256
 
 # The split-KV decode kernel keeps one query row and a key block of head_dim in registers.
 DECODE_MAX_HEAD_DIM = 256
+
+# Its grid puts blocks of query rows (seqlen_q * heads / kv_heads per kv head, at least 32
+# rows a block) on axis 2, which CUDA caps at 65535 blocks.
+DECODE_MAX_QUERY_ROWS = 65535 * 32

@@ -1,4 +1,4 @@
-"""KV-cache decode attention in plain PyTorch (the ``torch`` backend and a benchmark baseline).
+"""KV-cache decode attention in plain PyTorch: the clear oracle (``backend="reference"``).
 
 Shapes: q (B, Sq, H, D); k_cache, v_cache (B, S_max, Hkv, D) with Hkv dividing H;
 cache_seqlens (B,) int32; k, v (B, Sq, Hkv, D) or None.
@@ -9,17 +9,26 @@ cache_seqlens (B,) int32; k, v (B, Sq, Hkv, D) or None.
         j < L_b   and, when causal,   j <= L_b - Sq + i          (bottom-right aligned)
     out[b, i, h] = softmax_j(scale * q . k_j) @ v_j            (zeros when no key is visible)
 
-Everything is computed over the whole S_max with a mask, so the shapes do not depend on
-the values of cache_seqlens (torch.compile traces it without data-dependent shapes).
+Out-of-range lengths (cache_seqlens[b] < 0 or L_b > S_max, which the public op cannot
+check on CUDA without a host sync): sequence b's cache rows are left untouched and its
+outputs are NaN, so the error cannot pass for an answer. An empty cache (S_max = 0) has no
+key: with cache_seqlens 0 and nothing appended every output is zero.
+
+The append is a plain loop over the sequences, the clearest statement of it (it reads
+cache_seqlens on the host: an oracle, not a serving path). The attention is computed over
+the whole S_max with a mask.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastlm.reference._util import compute_dtype
+
+
+def out_of_range(cache_seqlens: torch.Tensor, seq_new: int, s_max: int) -> torch.Tensor:
+    """(B,) bool: sequences whose ``seq_new`` appended tokens (or whose keys) do not fit."""
+    return (cache_seqlens < 0) | (cache_seqlens > s_max - seq_new)
 
 
 def append_kv(
@@ -31,17 +40,15 @@ def append_kv(
 ) -> None:
     """Write k, v (B, Sq, Hkv, D) into the caches at rows cache_seqlens[b] + i, in place.
 
-    A sequence whose new rows do not all fit in [0, S_max) is left untouched (its rows
-    are written back with their old values), without a host sync for checking.
+    A sequence whose new rows do not all fit in [0, S_max) is left untouched.
     """
-    b, sq = k.shape[0], k.shape[1]
-    s_max = k_cache.shape[1]
-    start = cache_seqlens.to(torch.int64)[:, None]
-    fits = ((start >= 0) & (start + sq <= s_max))[:, :, None, None]  # (B, 1, 1, 1)
-    rows = torch.arange(b, device=k.device)[:, None].expand(b, sq)
-    cols = (start + torch.arange(sq, device=k.device)[None, :]).clamp(0, max(s_max - 1, 0))
-    for cache, new in ((k_cache, k), (v_cache, v)):
-        cache.index_put_((rows, cols), torch.where(fits, new, cache[rows, cols]))
+    bsz, sq = k.shape[0], k.shape[1]
+    bad = out_of_range(cache_seqlens, sq, k_cache.shape[1])
+    for b in range(bsz):
+        if not bad[b]:
+            start = int(cache_seqlens[b])
+            k_cache[b, start : start + sq] = k[b]
+            v_cache[b, start : start + sq] = v[b]
 
 
 def kvcache_attention(
@@ -49,23 +56,23 @@ def kvcache_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     seqlens_k: torch.Tensor,
-    causal: bool = True,
-    softmax_scale: float | None = None,
+    causal: bool,
+    softmax_scale: float,
 ) -> torch.Tensor:
     """Attention of q (B, Sq, H, D) over the first seqlens_k[b] rows of the caches.
 
-    ``seqlens_k`` counts the keys (new ones included). Returns (B, Sq, H, D) in q's dtype.
+    ``seqlens_k`` counts the keys (new ones included), each in [0, S_max]. Returns
+    (B, Sq, H, D) in q's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     bsz, sq, h, d = q.shape
     s_max, hkv = k_cache.shape[1], k_cache.shape[2]
     ct = compute_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
     group = h // hkv
     # (B, Hkv, G, Sq, D): query heads h = kv * G + g share kv head kv.
     qg = q.to(ct).view(bsz, sq, hkv, group, d).permute(0, 2, 3, 1, 4)
     kc = k_cache.to(ct).permute(0, 2, 1, 3)  # (B, Hkv, S_max, D)
     vc = v_cache.to(ct).permute(0, 2, 1, 3)
-    scores = torch.einsum("bkgqd,bksd->bkgqs", qg, kc) * scale
+    scores = torch.einsum("bkgqd,bksd->bkgqs", qg, kc) * softmax_scale
 
     j = torch.arange(s_max, device=q.device)
     lens = seqlens_k.to(torch.int64).view(bsz, 1)
@@ -75,13 +82,16 @@ def kvcache_attention(
         last = lens[:, :, None] - sq + i[None, :, None]  # (B, Sq, 1): last key token i sees
         visible = visible & (j[None, None, :] <= last)
     visible = visible[:, None, None]  # (B, 1, 1, Sq or 1, S_max)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    # A row with no visible key gives zeros, not NaN: subtract a finite max, zero the weights.
-    row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(ct).min)
-    p = torch.exp(scores - row_max).masked_fill(~visible, 0.0)
-    denom = p.sum(-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.einsum("bkgqs,bksd->bkgqd", p, vc)  # (B, Hkv, G, Sq, D)
+    # A row with no visible key gives zeros, not NaN: softmax over the visible keys only,
+    # and an all-masked row (or an empty cache) keeps weights of zero.
+    weights = torch.zeros_like(scores)
+    if s_max > 0:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(ct).min)
+        p = torch.exp(scores - row_max).masked_fill(~visible, 0.0)
+        denom = p.sum(-1, keepdim=True)
+        weights = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = torch.einsum("bkgqs,bksd->bkgqd", weights, vc)  # (B, Hkv, G, Sq, D)
     return out.permute(0, 3, 1, 2, 4).reshape(bsz, sq, h, d).to(q.dtype)
 
 
@@ -90,14 +100,17 @@ def attention_with_kvcache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
-    k: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    causal: bool = True,
-    softmax_scale: float | None = None,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
 ) -> torch.Tensor:
-    """Append k, v (if given) into the caches in place, then attend. See the module docstring."""
-    seqlens_k = cache_seqlens
+    """Append k, v (if given) into the caches in place, then attend; NaN for sequences
+    whose lengths are out of range. See the module docstring."""
+    seq_new = 0 if k is None else k.shape[1]
     if k is not None:
         append_kv(k_cache, v_cache, cache_seqlens, k, v)
-        seqlens_k = cache_seqlens + k.shape[1]
-    return kvcache_attention(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+    bad = out_of_range(cache_seqlens, seq_new, k_cache.shape[1])
+    seqlens_k = torch.where(bad, 0, cache_seqlens + seq_new)
+    out = kvcache_attention(q, k_cache, v_cache, seqlens_k, causal, softmax_scale)
+    return out.masked_fill(bad.view(-1, 1, 1, 1), float("nan"))

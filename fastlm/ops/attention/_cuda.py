@@ -38,15 +38,8 @@ def reason(call: AttentionCall) -> str | None:
             f"the CUDA attention kernel needs batch <= {_cuda_ext.MAX_GRID_YZ} and heads <= "
             f"{_cuda_ext.MAX_GRID_YZ}, got {call.batch} and {call.heads}"
         )
-    if call.device.type != "cuda":
-        return f"the CUDA C++ kernels need CUDA tensors, got device {call.device.type!r}"
-    capability = torch.cuda.get_device_capability(call.device)
-    if capability < _cuda_ext.ATTENTION_MIN_CAPABILITY:
-        need = ".".join(map(str, _cuda_ext.ATTENTION_MIN_CAPABILITY))
-        return (
-            f"the CUDA attention kernels need compute capability >= {need} (mma.sync "
-            f"bf16/fp16), got {capability[0]}.{capability[1]}"
-        )
+    if (r := _cuda_ext.capability_reason(call.device)) is not None:
+        return r
     for name, t, aligned in zip("qkv", (call.q, call.k, call.v), call.aligned16()):
         if not aligned:
             return (

@@ -81,7 +81,7 @@ class AttentionCall:
         data_ptr() cannot be traced and a graph input's address is not fixed at trace time:
         there only the strides count (the CUDA binding checks the address at run time)."""
         address = not torch.compiler.is_compiling()
-        return tuple(_aligned16(t, address) for t in (self.q, self.k, self.v))
+        return tuple(_cuda_ext.aligned(t, address=address) for t in (self.q, self.k, self.v))
 
     def dispatch_key(self) -> tuple:
         aligned = self.aligned16() if self.device.type == "cuda" else None
@@ -127,13 +127,6 @@ class AttentionCall:
         return cls(
             q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, p
         )  # fmt: skip
-
-
-def _aligned16(t: torch.Tensor, address: bool) -> bool:
-    align = _cuda_ext.OPERAND_ALIGN_BYTES  # the CUDA kernels' 16-byte cp.async/ldmatrix
-    step = align // t.element_size()
-    strides_ok = all(s % step == 0 or n == 1 for s, n in zip(t.stride()[:-1], t.shape[:-1]))
-    return strides_ok and (not address or t.data_ptr() % align == 0)
 
 
 def _check_qkv(op: str, q: object, k: object, v: object, ndim: int, layout: str) -> None:

@@ -1,0 +1,166 @@
+"""The record of one fastlm.attention_with_kvcache call, and every check of its arguments.
+
+Validation happens once, here, before any backend is chosen: types, dtypes, devices,
+shapes, strides, flags, softmax_scale (exactly as fastlm.attention checks it) and, where
+that is free, the values of cache_seqlens. Backends then only state their own limits
+(``reason(call)`` in ``_<backend>.py``).
+
+cache_seqlens values: on CPU they are read and checked here (no device to sync with); on
+CUDA reading them would cost a device->host sync on every decode step, so they are not
+read: every backend then gives a sequence whose length is out of range NaN outputs and
+leaves its cache rows untouched (see fastlm.reference.attention_kvcache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlm import _cuda_ext
+from fastlm.ops import _checks as C
+
+OP = "attention_with_kvcache"
+_LAYOUT = "(batch, seq, heads, head_dim)"
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheCall:
+    """q (B, Sq, H, D); k_cache, v_cache (B, S_max, Hkv, D); cache_seqlens int32 (B,),
+    contiguous; k, v (B, Sq, Hkv, D) or None; softmax_scale resolved (never None)."""
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    causal: bool
+    softmax_scale: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def s_max(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def seq_new(self) -> int:
+        """Tokens appended by this call (0 without k, v)."""
+        return 0 if self.k is None else self.k.shape[1]
+
+    def aligned16(self) -> tuple[bool, bool, bool]:
+        """q, k_cache, v_cache: 16-byte aligned data and strides (the CUDA kernel's loads)."""
+        return tuple(
+            _cuda_ext.aligned(t, address=not torch.compiler.is_compiling())
+            for t in (self.q, self.k_cache, self.v_cache)
+        )
+
+    def dispatch_key(self) -> tuple:
+        """What the backends' reasons read: device, dtype, head_dim, heads and batch * Sq
+        (CUDA grid), query rows per kv head (Triton grid), and on CUDA the alignments."""
+        bsz, sq, h, d = self.q.shape
+        key = (
+            self.device,
+            self.q.dtype,
+            d,
+            h,
+            bsz * sq,
+            sq * (h // self.k_cache.shape[2]),  # query rows per kv head (Triton's grid)
+        )
+        return key + self.aligned16() if self.device.type == "cuda" else key
+
+    @classmethod
+    def checked(
+        cls, q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
+    ) -> KVCacheCall:
+        """Validate the public arguments (ValueError/TypeError/NotImplementedError naming
+        what was expected and what was given) and build the record."""
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            C.check_tensor(OP, name, t)
+            C.check_dim(OP, name, t, 4, _LAYOUT)
+        if (k is None) != (v is None):
+            raise ValueError(f"fastlm.{OP}: give both k and v to append, or neither (got only one)")
+        if k is not None:
+            C.check_tensor(OP, "k", k)
+            C.check_tensor(OP, "v", v)
+        bsz, sq, h, d = q.shape
+        C.check_head_dim(OP, d)
+        C.check_shape(OP, "k_cache", k_cache, (bsz, None, None, d))
+        C.check_shape(OP, "v_cache", v_cache, tuple(k_cache.shape))
+        hkv = k_cache.shape[2]
+        C.check_gqa(OP, h, hkv)
+        if k is not None:
+            C.check_shape(OP, "k", k, (bsz, sq, hkv, d))
+            C.check_shape(OP, "v", v, (bsz, sq, hkv, d))
+        C.check_float(OP, "q", q)
+        C.check_same_dtype(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+        C.check_same_device(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if t is not None:
+                C.check_last_dim_contiguous(OP, name, t)
+        C.check_flag(OP, "causal", causal)
+        C.check_softmax_scale(OP, softmax_scale)
+        _check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+        seq_new = 0 if k is None else sq
+        seqlens = _checked_seqlens(cache_seqlens, q, k_cache.shape[1], seq_new)
+        scale = C.default_softmax_scale(d) if softmax_scale is None else float(softmax_scale)
+        return cls(q, k_cache, v_cache, seqlens, k, v, causal, scale)
+
+
+def _check_inference_only(**tensors: torch.Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise NotImplementedError(
+                f"fastlm.{OP} is inference-only (not differentiable), but {name} requires grad; "
+                "call it under torch.no_grad() / torch.inference_mode() or pass detached tensors"
+            )
+
+
+def _fits(seq_new: int, s_max: int) -> str:
+    return f"need 0 <= cache_seqlens and cache_seqlens + {seq_new} (new tokens) <= S_max={s_max}"
+
+
+def _checked_seqlens(
+    cache_seqlens: object, q: torch.Tensor, s_max: int, seq_new: int
+) -> torch.Tensor:
+    """cache_seqlens as a contiguous int32 (B,) tensor on q's device (the kernels read it
+    with unit stride); values checked where that is free (python ints, CPU tensors)."""
+    bsz, device = q.shape[0], q.device
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(
+            f"fastlm.{OP}: cache_seqlens must be an int32 tensor of shape (B,) or a python int, "
+            f"got {type(cache_seqlens).__name__}"
+        )
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= s_max - seq_new:
+            raise ValueError(
+                f"fastlm.{OP}: cache_seqlens={cache_seqlens} does not fit the cache: "
+                + _fits(seq_new, s_max)
+            )
+        return torch.full((bsz,), cache_seqlens, dtype=torch.int32, device=device)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(
+            f"fastlm.{OP}: cache_seqlens must be int32, got "
+            f"{str(cache_seqlens.dtype).replace('torch.', '')}"
+        )
+    C.check_shape(OP, "cache_seqlens", cache_seqlens, (bsz,))
+    C.check_same_device(OP, "q", q, cache_seqlens=cache_seqlens)
+    if device.type == "cpu" and bsz > 0:
+        ok = (cache_seqlens >= 0) & (cache_seqlens <= s_max - seq_new)
+        if torch.compiler.is_compiling():
+            torch._assert_async(ok.all(), f"fastlm.{OP}: cache_seqlens out of range")
+        elif not bool(ok.all()):
+            raise ValueError(
+                f"fastlm.{OP}: every cache_seqlens[b] must fit the cache: "
+                f"{_fits(seq_new, s_max)}; got {cache_seqlens.tolist()}"
+            )
+    return cache_seqlens.contiguous()
