@@ -36,6 +36,7 @@ from benchmarks.harness import (
     parse_args,
     require_gpu,
 )
+from fastlm.ops._checks import default_softmax_scale
 
 HEADS = [(12, 64), (16, 128), (32, 128)]  # (heads, head_dim)
 BATCHES = [1, 4, 16, 64]
@@ -140,7 +141,12 @@ def bench_shape(
     if cache_bytes * 4 // k_cache.element_size() <= REFERENCE_MAX_BYTES:
         add(
             "reference",
-            bench_or_none(lambda: ref.kvcache_attention(q, k_cache, v_cache, seqlens), timer=timer),
+            bench_or_none(
+                lambda: ref.kvcache_attention(
+                    q, k_cache, v_cache, seqlens, True, default_softmax_scale(q.shape[-1])
+                ),
+                timer=timer,
+            ),
         )
 
 

@@ -39,3 +39,14 @@ def dtype(request) -> torch.dtype:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_decisions():
+    """backends.choose remembers its decisions; tests that patch a backend's reason or the
+    environment must not see (or leave) a decision taken under other conditions."""
+    from fastlm import backends
+
+    backends.forget_decisions()
+    yield
+    backends.forget_decisions()

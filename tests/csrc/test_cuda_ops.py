@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import _cuda_ext
+from fastlm.ops._checks import default_softmax_scale
 from fastlm.reference import attention as ref_attn
 from fastlm.reference import attention_kvcache as ref_kv
 from fastlm.reference import ffn as ref_ffn
@@ -159,7 +160,7 @@ def test_attention(ext, dtype, d, b, sq, sk, causal, masked):
     if masked:
         mask = torch.rand(b, sk, device="cuda") > 0.3
         mask[0] = False  # a sequence with no visible key at all
-    o, lse = ext.attention(q, k, v, mask, None, causal)
+    o, lse = ext.attention(q, k, v, mask, default_softmax_scale(q.shape[-1]), causal)
     _check_attention(o, lse, q, k, v, causal, mask, "dense")
 
 
@@ -184,7 +185,9 @@ def test_attention_varlen(ext, dtype, d, causal):
     q = torch.randn(sum(lq), 4, d, device="cuda", dtype=dtype)
     k = torch.randn(sum(lk), 1, d, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
-    o, lse = ext.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), None, causal)
+    o, lse = ext.attention_varlen(
+        q, k, v, cu_q, cu_k, max(lq), max(lk), default_softmax_scale(q.shape[-1]), causal
+    )
     for i in range(len(lq)):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
         if lq[i] == 0:
@@ -212,9 +215,11 @@ def test_attention_decode(ext, dtype, d, sq, cache_len):
     vc = torch.randn_like(kc)
     seqlens = torch.tensor([cache_len, 1 + sq, cache_len // 3], device="cuda", dtype=torch.int32)
     for causal in (True, False):
-        o, lse = ext.attention_decode(q, kc, vc, seqlens, None, causal)
-        od = ref_kv.kvcache_attention(q.double(), kc.double(), vc.double(), seqlens, causal)
-        ob = ref_kv.kvcache_attention(q.float(), kc.float(), vc.float(), seqlens, causal).to(dtype)
+        scale = default_softmax_scale(d)
+        o, lse = ext.attention_decode(q, kc, vc, seqlens, scale, causal)
+        od = ref_kv.kvcache_attention(q.double(), kc.double(), vc.double(), seqlens, causal, scale)
+        ob = ref_kv.kvcache_attention(q.float(), kc.float(), vc.float(), seqlens, causal, scale)
+        ob = ob.to(dtype)
         assert_parity(o, od, ob, name=f"decode causal={causal}")
         assert torch.isfinite(lse).all()
 
@@ -223,7 +228,7 @@ def test_attention_decode_empty_cache(ext):
     q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.float16)
     kc = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16)
     seqlens = torch.tensor([0, 5], device="cuda", dtype=torch.int32)
-    o, lse = ext.attention_decode(q, kc, kc, seqlens, None, True)
+    o, lse = ext.attention_decode(q, kc, kc, seqlens, default_softmax_scale(q.shape[-1]), True)
     assert (o[0] == 0).all() and torch.isinf(lse[0]).all() and torch.isfinite(lse[1]).all()
 
 
@@ -321,7 +326,7 @@ def test_attention_with_kvcache_cuda_backend(ext, dtype, case, strided):
 
 def test_attention_with_kvcache_cuda_out_of_range_gives_nan(ext):
     """Lengths the host does not check on CUDA: NaN rows, cache untouched, others exact."""
-    from fastlm.ops import attention_kvcache as kv_op
+    from fastlm.ops.attention_kvcache._op import attention_with_kvcache_op
 
     dt = torch.float16
     q = torch.randn(3, 1, 4, 64, device="cuda", dtype=dt)
@@ -329,7 +334,7 @@ def test_attention_with_kvcache_cuda_out_of_range_gives_nan(ext):
     vc, new = torch.randn_like(kc), torch.randn(3, 1, 2, 64, device="cuda", dtype=dt)
     kc0, vc0 = kc.clone(), vc.clone()
     lens = torch.tensor([-1, 40, 7], device="cuda", dtype=torch.int32)  # bad, bad, ok
-    out = kv_op._attention_with_kvcache(q, kc, vc, lens, new, new, True, 0.125, 0, "cuda")
+    out = attention_with_kvcache_op(q, kc, vc, lens, new, new, True, 0.125, "cuda")
     assert torch.isnan(out[:2]).all() and not torch.isnan(out[2]).any()
     torch.testing.assert_close(kc[:2], kc0[:2], rtol=0, atol=0)
     torch.testing.assert_close(vc[:2], vc0[:2], rtol=0, atol=0)
@@ -378,11 +383,11 @@ def test_attention_with_kvcache_cuda_graph_decode_step(ext):
 
 def test_bad_input_messages(ext):
     q = torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 96"):
-        ext.attention(q, q, q)
+    with pytest.raises(RuntimeError, match="head_dim must be one of 64, 128, got 96"):
+        ext.attention(q, q, q, None, 0.125)
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        ext.attention(q, q, q)
+        ext.attention(q, q, q, None, 0.125)
     x = torch.randn(4, 20000, device="cuda")
     with pytest.raises(RuntimeError, match="hidden size must be in"):
         ext.layer_norm_fwd(x, None, None, None, 1e-5)
@@ -402,8 +407,8 @@ def test_cuda_graph_capture_replay(ext):
     qd = q[:, :1].contiguous()
     run = lambda: (
         ext.layer_norm_fwd(x, None, w, None, 1e-5)[0],
-        ext.attention(q, k, v, None, None, True)[0],
-        ext.attention_decode(qd, kc, kc, seqlens, None, True)[0],
+        ext.attention(q, k, v, None, default_softmax_scale(q.shape[-1]), True)[0],
+        ext.attention_decode(qd, kc, kc, seqlens, default_softmax_scale(qd.shape[-1]), True)[0],
     )
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

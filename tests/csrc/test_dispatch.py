@@ -64,10 +64,15 @@ def test_auto_on_cpu_falls_back_silently():
 @needs_no_ext
 def test_auto_on_cuda_device_skips_unavailable_cuda(monkeypatch):
     """With triton unusable too, the automatic order goes past cuda to torch."""
+    from fastlm.ops.layer_norm import BACKENDS
+    from fastlm.ops.layer_norm.call import LayerNormCall
+
     monkeypatch.setattr(backends, "_triton_reason", lambda device: "triton disabled for this test")
-    assert backends.choose("layer_norm", torch.device("cuda")) == "torch"
+    call = LayerNormCall.checked(torch.empty(2, 8, device="meta"), None, None, 1e-5, None)
+    monkeypatch.setattr(LayerNormCall, "device", property(lambda self: torch.device("cuda")))
+    assert backends.choose("layer_norm", call, BACKENDS) == "torch"
     with pytest.raises(backends.BackendUnavailableError, match=r"fastlm\._C"):
-        backends.choose("layer_norm", torch.device("cuda"), "cuda")
+        backends.choose("layer_norm", call, BACKENDS, "cuda")
 
 
 def test_jit_can_be_disabled(monkeypatch):
@@ -110,14 +115,22 @@ def test_dispatch_table_file_is_honoured(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ per-call limits
 
 
-def test_supports_layer_norm_limits():
-    assert "16384" in _cuda_ext.supports("layer_norm", n=20000)
-    assert "CUDA tensors" in _cuda_ext.supports("layer_norm", x=torch.randn(2, 8), n=8)
+def test_layer_norm_cuda_limits():
+    from fastlm.ops.layer_norm import _cuda
+    from fastlm.ops.layer_norm.call import LayerNormCall
+
+    assert "CUDA tensors" in _cuda.reason(
+        LayerNormCall.checked(torch.randn(2, 8), None, None, 1e-5, None)
+    )
+    wide = LayerNormCall.checked(torch.empty(1, 20000, device="meta"), None, None, 1e-5, None)
+    assert "CUDA tensors" in _cuda.reason(wide)  # the device is named first ...
+    limit = _cuda_ext.LAYER_NORM_MAX_N
+    assert limit == 16384  # ... the width limit comes from csrc/fastlm_limits.h
 
 
-def test_supports_gelu_modes():
-    assert "approximate" in _cuda_ext.supports("linear_gelu", approximate="sigmoid")
-    assert _cuda_ext.supports("gelu_ffn", approximate="tanh") is None
+def _pretend_sm90(monkeypatch):
+    monkeypatch.setattr(_cuda_ext, "capability_reason", lambda device: None)
+    monkeypatch.setattr(_cuda_ext, "unavailable_reason", lambda: None)
 
 
 @pytest.mark.parametrize(
@@ -130,30 +143,55 @@ def test_supports_gelu_modes():
         (torch.bfloat16, 128, 0.0, None),
     ],
 )
-def test_supports_attention_limits(monkeypatch, dtype, d, dropout, expect):
-    monkeypatch.setattr(_cuda_ext, "_capability_reason", lambda t: None)  # pretend sm_90
+def test_attention_cuda_limits(monkeypatch, dtype, d, dropout, expect):
+    from fastlm.ops.attention import _cuda
+    from fastlm.ops.attention.call import AttentionCall
+
+    _pretend_sm90(monkeypatch)
     q = torch.zeros(1, 4, 2, d, dtype=dtype)
-    reason = _cuda_ext.supports("attention", q=q, k=q, v=q, dropout_p=dropout)
+    call = AttentionCall.checked(
+        q, q, q, causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=dropout
+    )
+    reason = _cuda.reason(call)
     if expect is None:
         assert reason is None
     else:
         assert expect in reason
 
 
-def test_supports_attention_alignment(monkeypatch):
-    monkeypatch.setattr(_cuda_ext, "_capability_reason", lambda t: None)
+def test_attention_cuda_alignment(monkeypatch):
+    from fastlm.ops.attention import _cuda
+    from fastlm.ops.attention.call import AttentionCall
+
+    _pretend_sm90(monkeypatch)
     q = torch.zeros(1, 4, 3, 64 + 4, dtype=torch.float16)[..., :64]  # head stride 68
-    assert "16-byte" in _cuda_ext.supports("attention_with_kvcache", q=q)
+    call = AttentionCall.checked(
+        q, q, q, causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=0.0
+    )
+    assert "16-byte" in _cuda.reason(call)
 
 
-def test_supports_attention_needs_cuda_tensor():
+def test_attention_cuda_needs_cuda_tensor():
+    from fastlm.ops.attention import _cuda
+    from fastlm.ops.attention.call import AttentionCall
+
     q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
-    assert "CUDA tensors" in _cuda_ext.supports("attention", q=q)
+    call = AttentionCall.checked(
+        q, q, q, causal=False, key_padding_mask=None, softmax_scale=None, dropout_p=0.0
+    )
+    assert "CUDA tensors" in _cuda.reason(call)
 
 
-def test_supports_unknown_op():
-    with pytest.raises(ValueError, match="unknown op 'softmax'"):
-        _cuda_ext.supports("softmax")
+def test_limits_table_matches_the_header():
+    """fastlm/_cuda_ext reads csrc/fastlm_limits.h: the values the binding checks."""
+    import os
+
+    with open(os.path.join(_cuda_ext.csrc_dir(), "fastlm_limits.h")) as f:
+        header = f.read()
+    assert f"kLayerNormMaxN = {_cuda_ext.LAYER_NORM_MAX_N};" in header
+    dims = ", ".join(map(str, _cuda_ext.ATTENTION_HEAD_DIMS))
+    assert f"kAttentionHeadDims[] = {{{dims}}};" in header
+    assert f"kMaxGridYZ = {_cuda_ext.MAX_GRID_YZ};" in header
 
 
 # ------------------------------------------------------------------ table generation
@@ -232,7 +270,7 @@ def cuda_device_ok(monkeypatch):
     """Pretend the device can run the CUDA kernels (a CUDA tensor on sm_90), so that the
     per-call limits of the op are what decides."""
     monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
-    monkeypatch.setattr(_cuda_ext, "_capability_reason", lambda t: None)
+    monkeypatch.setattr(_cuda_ext, "capability_reason", lambda device: None)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +293,9 @@ def test_kvcache_cuda_limits_name_the_reason(cuda_device_ok, dtype, d, heads, ex
 def test_kvcache_cuda_limits_alignment(cuda_device_ok):
     q, _, _, lens = _decode_args()
     kc = torch.randn(2, 16, 2, 64 + 4, dtype=torch.float16)[..., :64]  # head stride 68
-    with pytest.raises(backends.BackendUnavailableError, match="k needs 16-byte aligned"):
+    with pytest.raises(
+        backends.BackendUnavailableError, match="needs k_cache with 16-byte aligned"
+    ):
         fastlm.attention_with_kvcache(q, kc, kc, lens, backend="cuda")
 
 
@@ -323,7 +363,7 @@ class _ContractOps:
         y = x.float() + residual.float() + (0 if bias is None else bias.float())
         return y.to(x.dtype)
 
-    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=True):
+    def attention_decode(self, q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=True):
         self.calls.append("attention_decode")
         assert q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
         assert q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
@@ -339,7 +379,7 @@ class _ContractOps:
 def contract_ext(monkeypatch):
     ops = _ContractOps()
     monkeypatch.setattr(backends, "_cuda_reason", lambda device: None)
-    monkeypatch.setattr(_cuda_ext, "op_reason", lambda op, **call: None)
+    monkeypatch.setattr(_cuda_ext, "capability_reason", lambda device: None)
     monkeypatch.setattr(_cuda_ext, "module", lambda: ops)
     from fastlm.ops.ffn import _cuda as ffn_cuda
 
@@ -441,14 +481,14 @@ def test_kvcache_cuda_wiring(contract_ext, append, causal):
 
 
 def test_kvcache_cuda_out_of_range_lengths_give_nan(contract_ext):
-    from fastlm.ops import attention_kvcache as kv_op
+    from fastlm.ops.attention_kvcache._op import attention_with_kvcache_op
 
     q = torch.randn(3, 1, 2, 64).half()
     kc = torch.randn(3, 8, 2, 64).half()
     vc, new = torch.randn_like(kc), torch.randn(3, 1, 2, 64).half()
     kc0 = kc.clone()
     lens = torch.tensor([-1, 8, 4], dtype=torch.int32)  # bad, bad (no room), ok
-    out = kv_op._attention_with_kvcache(q, kc, vc, lens, new, new, True, 0.125, 0, "cuda")
+    out = attention_with_kvcache_op(q, kc, vc, lens, new, new, True, 0.125, "cuda")
     assert torch.isnan(out[:2]).all() and not torch.isnan(out[2]).any()
     torch.testing.assert_close(kc[:2], kc0[:2], rtol=0, atol=0)
 
