@@ -17,6 +17,18 @@ from __future__ import annotations
 import torch
 
 from fastlm.models._base import check_attention_mask, check_input_ids
+from fastlm.models.generation_config import GenerationConfig
+
+_UNSUPPORTED = {
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+}
 
 
 def _filter_logits(
@@ -51,21 +63,29 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    generation_config: GenerationConfig | None = None,
+    **kwargs,
 ) -> torch.Tensor:
-    """(B, S) prompt ids (left-padded) -> (B, S + n) with n <= max_new_tokens new tokens."""
-    cfg = model.config
+    """(B, S) prompt ids (left-padded) -> (B, S + n) with n <= max_new_tokens new tokens.
+
+    Defaults come from ``generation_config`` (else ``model.generation_config``: the
+    checkpoint's generation_config.json or its config's special tokens); ``kwargs`` override
+    single fields. A knob fastlm does not implement raises, naming it."""
     where = "GPT2LMHeadModel.generate"
-    _check_args(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    gc = (generation_config or model.generation_config).update(**kwargs)
+    unsupported = {
+        k: v for k, v in gc.to_dict().items() if k in _UNSUPPORTED and v != _UNSUPPORTED[k]
+    }
+    if unsupported:
+        raise NotImplementedError(f"{where}: {sorted(unsupported)} not supported yet")
+    cfg = model.config
     check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, where)
     bsz, seq = input_ids.shape
+    max_new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - seq
+    do_sample, temperature = gc.do_sample, gc.temperature
+    top_k, top_p = (gc.top_k, gc.top_p) if do_sample else (None, None)
+    eos_token_id, pad_token_id = gc.eos_token_id, gc.pad_token_id
+    _check_args(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
     mask = check_attention_mask(attention_mask, (bsz, seq), where)
     if mask is not None and not bool(mask[:, -1].all()):
         raise ValueError(
