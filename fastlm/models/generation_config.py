@@ -12,6 +12,19 @@ from typing import Any
 
 # Keys transformers writes for its own bookkeeping; they carry no generation setting.
 _BOOKKEEPING = {"transformers_version", "_from_model_config"}
+# Settings that do not change the tokens: any value of use_cache (fastlm always decodes from
+# its static cache, which gives the tokens a full recompute gives), and the per-step
+# attention/hidden-state outputs when off (transformers 5 writes all three).
+_NO_EFFECT = {"use_cache": None, "output_attentions": False, "output_hidden_states": False}
+
+
+def _drop_no_effect(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in d.items()
+        if k not in _BOOKKEEPING
+        and not (k in _NO_EFFECT and (_NO_EFFECT[k] is None or v == _NO_EFFECT[k]))
+    }
 
 
 @dataclass
@@ -46,7 +59,8 @@ class GenerationConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "GenerationConfig") -> GenerationConfig:
         names = cls.field_names()
-        unknown = sorted(k for k in d if k not in names and k not in _BOOKKEEPING)
+        d = _drop_no_effect(d)
+        unknown = sorted(k for k in d if k not in names)
         if unknown:
             warnings.warn(
                 f"{where}: generation setting(s) {unknown} are not supported by fastlm and are "
@@ -73,6 +87,7 @@ class GenerationConfig:
 
     def update(self, **kwargs) -> GenerationConfig:
         """A copy with ``kwargs`` applied; an unknown name raises TypeError naming it."""
+        kwargs = _drop_no_effect(kwargs)
         unknown = sorted(set(kwargs) - self.field_names())
         if unknown:
             raise TypeError(
