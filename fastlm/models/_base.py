@@ -146,6 +146,11 @@ class FastLMPreTrained(nn.Module):
         loading.load_into(
             model, hf_model.state_dict(), cls.checkpoint_prefixes, f"{cls.__name__}.from_hf"
         )
+        hf_generation = getattr(hf_model, "generation_config", None)
+        if hf_generation is not None:
+            model.generation_config = GenerationConfig.from_dict(
+                hf_generation.to_diff_dict(), where=f"{cls.__name__}.from_hf"
+            )
         model.train(hf_model.training)
         return model
 
