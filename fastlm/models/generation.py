@@ -18,6 +18,7 @@ Each step turns the last logits into the next token the way transformers does, i
 Finished rows (eos emitted) continue with ``pad_token_id`` (default: eos); generation stops
 when every row has finished, a stopping criterion says so, or at max_new_tokens/max_length.
 Greedy decoding returns transformers' tokens, the eos included (tests/models check it).
+``num_beams > 1`` runs :func:`fastlm.models.beam_search.beam_search` on the same processors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlm.models._base import check_attention_mask, check_input_ids
+from fastlm.models.beam_search import beam_search
 from fastlm.models.generation_config import GenerationConfig
 from fastlm.models.outputs import _Output
 
@@ -66,11 +68,20 @@ def _check(gc: GenerationConfig, vocab: int) -> None:
         raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {gc.top_p!r}")
     if not isinstance(gc.repetition_penalty, (int, float)) or not gc.repetition_penalty > 0:
         raise ValueError(f"{WHERE}: repetition_penalty must be > 0, got {gc.repetition_penalty!r}")
-    if gc.num_beams != 1:
-        raise NotImplementedError(
-            f"{WHERE}: num_beams={gc.num_beams}: beam search is not implemented"
-        )
-    if gc.num_return_sequences > 1 and not gc.do_sample:
+    if gc.num_beams > 1:
+        if gc.do_sample:
+            raise NotImplementedError(
+                f"{WHERE}: do_sample=True with num_beams > 1 (beam sampling) is not implemented"
+            )
+        if gc.output_scores:
+            raise NotImplementedError(
+                f"{WHERE}: output_scores with num_beams > 1 is not implemented"
+            )
+        if gc.num_return_sequences > gc.num_beams:
+            raise ValueError(
+                f"{WHERE}: num_return_sequences={gc.num_return_sequences} exceeds num_beams={gc.num_beams}"
+            )
+    elif gc.num_return_sequences > 1 and not gc.do_sample:
         raise ValueError(
             f"{WHERE}: num_return_sequences={gc.num_return_sequences} needs do_sample=True "
             "(greedy decoding returns one sequence per prompt)"
@@ -127,6 +138,17 @@ def top_k_top_p(scores: torch.Tensor, temperature: float, top_k: int | None, top
         remove = cum <= (1 - top_p)
         remove[..., -1] = False  # always keep the most likely token
         scores = scores.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
+    return scores
+
+
+def _process(gc, scores, tokens, valid, step: int, min_new: int, eos_ids: torch.Tensor):
+    """The logits processors, in transformers' order (see the module docstring)."""
+    if gc.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, tokens, valid, gc.repetition_penalty)
+    if gc.no_repeat_ngram_size > 0:
+        scores = no_repeat_ngram(scores, tokens, gc.no_repeat_ngram_size)
+    if step < min_new and eos_ids.numel():
+        scores = scores.index_fill(1, eos_ids, NEG_INF)
     return scores
 
 
@@ -195,9 +217,14 @@ def generate(
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
 
-    if gc.num_return_sequences > 1:
-        input_ids = input_ids.repeat_interleave(gc.num_return_sequences, 0)
-        mask = None if mask is None else mask.repeat_interleave(gc.num_return_sequences, 0)
+    if gc.num_beams > 1 and (streamer is not None or stopping_criteria):
+        raise NotImplementedError(
+            f"{WHERE}: streamer and stopping_criteria with num_beams > 1 are not implemented"
+        )
+    copies = gc.num_beams if gc.num_beams > 1 else gc.num_return_sequences
+    if copies > 1:
+        input_ids = input_ids.repeat_interleave(copies, 0)
+        mask = None if mask is None else mask.repeat_interleave(copies, 0)
         bsz = input_ids.shape[0]
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -213,17 +240,18 @@ def generate(
     logits = model(
         input_ids, past_key_values=cache, attention_mask=mask, position_ids=pos, logits_to_keep=1
     ).logits[:, -1]
+    if gc.num_beams > 1:
+        # transformers' fill value for beams shorter than the longest: (pad or eos[0]).
+        fill = (gc.pad_token_id or eos[0]) if eos else -1
+        out = beam_search(model, input_ids, mask, cache, logits, gc,
+                          lambda s, t, v, step: _process(gc, s, t, v, step, min_new, eos_ids),
+                          max_new, fill)  # fmt: skip
+        return _result(gc, out, scores_out, streamer)
     tokens = input_ids
     valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new):
-        scores = logits.float()
-        if gc.repetition_penalty != 1.0:
-            scores = repetition_penalty(scores, tokens, valid, gc.repetition_penalty)
-        if gc.no_repeat_ngram_size > 0:
-            scores = no_repeat_ngram(scores, tokens, gc.no_repeat_ngram_size)
-        if step < min_new and eos:
-            scores = scores.index_fill(1, eos_ids, NEG_INF)
+        scores = _process(gc, logits.float(), tokens, valid, step, min_new, eos_ids)
         if gc.do_sample:
             scores = top_k_top_p(scores, gc.temperature, gc.top_k, gc.top_p)
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

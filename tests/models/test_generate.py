@@ -11,11 +11,12 @@ import fastlm.models as fm
 from tests.models.util import padded_batch, tiny_gpt2_config, transformers
 
 
-def _pair(tmp_path, backend="torch", **gen):
+def _pair(tmp_path, backend="torch", init=0.02, **gen):
     """An HF GPT-2 and fastlm's copy loaded from its saved directory (so generation
-    defaults come from generation_config.json, as for a hub checkpoint)."""
+    defaults come from generation_config.json, as for a hub checkpoint). A large ``init``
+    makes the next token depend strongly on the context (beam search's cache reordering)."""
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    hf = transformers.GPT2LMHeadModel(tiny_gpt2_config(initializer_range=init)).eval()
     for k, v in gen.items():
         setattr(hf.generation_config, k, v)
     hf.save_pretrained(tmp_path)
@@ -71,6 +72,36 @@ def test_greedy_knobs_match_transformers(tmp_path, knob):
     ref = hf.generate(ids, attention_mask=mask, do_sample=False, **kw)
     got = ours.generate(ids, attention_mask=mask, do_sample=False, **kw)
     assert torch.equal(got, ref), (knob, got, ref)
+
+
+BEAMS = {
+    "plain": dict(num_beams=3),
+    "eos": dict(num_beams=3, eos_token_id="first"),
+    "eos-long": dict(num_beams=3, eos_token_id="first", max_new_tokens=24),  # stops early
+    "eos-return-2": dict(num_beams=4, eos_token_id="first", num_return_sequences=2),
+    "length_penalty": dict(num_beams=3, eos_token_id="first", length_penalty=-0.5),
+    "early_stopping": dict(num_beams=2, eos_token_id="first", early_stopping=True),
+    "never": dict(num_beams=2, eos_token_id="first", early_stopping="never", length_penalty=2.0),
+    "processors": dict(
+        num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=2
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", list(BEAMS))
+def test_beam_search_matches_transformers(tmp_path, case, backend):
+    if backend == "triton" and case not in ("eos", "processors"):
+        pytest.skip("the interpreter is slow; two cases cover the triton path")
+    hf, ours = _pair(tmp_path, backend, init=0.3)
+    ids, mask = _prompts()
+    kw = dict(dict(pad_token_id=0, max_new_tokens=7, do_sample=False), **BEAMS[case])
+    if kw.get("eos_token_id") == "first":  # a token the search really meets
+        kw["eos_token_id"] = int(hf.generate(ids, attention_mask=mask, max_new_tokens=3,
+                                             num_beams=kw["num_beams"], pad_token_id=0)[1, -1])  # fmt: skip
+    ref = hf.generate(ids, attention_mask=mask, **kw)
+    got = ours.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, ref), (case, got, ref)
 
 
 def test_sampling_follows_the_same_random_stream_as_transformers(tmp_path):
@@ -141,8 +172,10 @@ def test_streamer_stopping_criteria_and_scores_match_transformers(tmp_path):
 def test_unsupported_arguments_raise_naming_them(tmp_path):
     _, ours = _pair(tmp_path)
     ids = torch.ones(1, 3, dtype=torch.long)
-    with pytest.raises(NotImplementedError, match="num_beams=2"):
-        ours.generate(ids, num_beams=2)
+    with pytest.raises(NotImplementedError, match="beam sampling"):
+        ours.generate(ids, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="num_return_sequences=3 exceeds num_beams=2"):
+        ours.generate(ids, num_beams=2, num_return_sequences=3)
     with pytest.raises(TypeError, match=r"\['typical_p'\]"):
         ours.generate(ids, typical_p=0.5)
     with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
