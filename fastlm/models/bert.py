@@ -24,26 +24,23 @@ falls back to gelu_ffn + dropout + LN(residual) — same math, one extra pass.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastlm
 from fastlm.models._base import (
     FastLMPreTrained,
     check_attention_mask,
     check_input_ids,
     check_position_ids,
+    forward_flags,
 )
 from fastlm.models._weights import DerivedWeight
 from fastlm.models.config import BertConfig, gelu_approximate
-from fastlm.models.outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
-
-
-def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor, backend, residual=None):
-    return fastlm.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+from fastlm.models.outputs import BaseModelOutput
+from fastlm.nn import GeluFFN, LayerNorm
+from fastlm.ops.attention import attention_varlen
+from fastlm.ops.padding import pad_input, unpad_input
 
 
 def _cat(*ts: torch.Tensor) -> torch.Tensor:
@@ -58,13 +55,13 @@ class BertEmbeddings(nn.Module):
         )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids, position_ids, backend):
+    def forward(self, input_ids, token_type_ids, position_ids):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)  # (1 or B, S, H) broadcasts over the batch
-        return self.dropout(_layer_norm(self.LayerNorm, x, backend))
+        return self.dropout(self.LayerNorm(x))
 
 
 class BertSelfAttention(nn.Module):
@@ -89,7 +86,7 @@ class BertSelfAttention(nn.Module):
         t = x.shape[0]
         qkv = F.linear(x, w, b).view(t, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = qkv.unbind(1)
-        out = fastlm.attention_varlen(
+        out = attention_varlen(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             causal=False, dropout_p=self.dropout.p if self.training else 0.0, backend=backend,
         )  # fmt: skip
@@ -100,11 +97,11 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, a: torch.Tensor, x: torch.Tensor, backend) -> torch.Tensor:
-        y, _ = _layer_norm(self.LayerNorm, self.dropout(self.dense(a)), backend, residual=x)
+    def forward(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.LayerNorm(self.dropout(self.dense(a)), residual=x)
         return y
 
 
@@ -115,7 +112,7 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, x, cu_seqlens, max_seqlen, backend):
-        return self.output(self.self(x, cu_seqlens, max_seqlen, backend), x, backend)
+        return self.output(self.self(x, cu_seqlens, max_seqlen, backend), x)
 
 
 class BertIntermediate(nn.Module):
@@ -128,7 +125,7 @@ class BertOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
 
@@ -138,36 +135,25 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
-        self.approximate = gelu_approximate(config.hidden_act, "BertModel")
+        # The fused FFN over HF's two Linear layers (shared parameters). Kept out of the
+        # module tree so state_dict keeps HF's names only.
+        self.__dict__["ffn"] = GeluFFN.from_linears(
+            self.intermediate.dense,
+            self.output.dense,
+            gelu_approximate(config.hidden_act, "BertModel"),
+        )
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend
     ) -> torch.Tensor:
         x = self.attention(x, cu_seqlens, max_seqlen, backend)
-        fc1, fc2, out = self.intermediate.dense, self.output.dense, self.output
+        self.ffn.backend = backend
+        out = self.output
         if out.dropout.p > 0 and self.training:
-            h = fastlm.gelu_ffn(
-                x,
-                fc1.weight,
-                fc1.bias,
-                fc2.weight,
-                fc2.bias,
-                approximate=self.approximate,
-                backend=backend,
-            )
-            y, _ = _layer_norm(out.LayerNorm, out.dropout(h), backend, residual=x)
+            # Dropout comes before the residual add, so the add cannot sit in the GEMM epilogue.
+            y, _ = out.LayerNorm(out.dropout(self.ffn(x)), residual=x)
             return y
-        z = fastlm.gelu_ffn(
-            x,
-            fc1.weight,
-            fc1.bias,
-            fc2.weight,
-            fc2.bias,
-            approximate=self.approximate,
-            residual=x,
-            backend=backend,
-        )
-        return _layer_norm(out.LayerNorm, z, backend)
+        return out.LayerNorm(self.ffn(x, residual=x))
 
 
 class BertEncoder(nn.Module):
@@ -175,10 +161,14 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, cu_seqlens, max_seqlen, backend):
+    def forward(self, x, cu_seqlens, max_seqlen, backend, keep_hidden: bool):
+        """The last packed hidden states and, when ``keep_hidden``, every layer's (input first)."""
+        states = [x] if keep_hidden else None
         for layer in self.layer:
             x = layer(x, cu_seqlens, max_seqlen, backend)
-        return x
+            if keep_hidden:
+                states.append(x)
+        return x, states
 
 
 class BertPooler(nn.Module):
@@ -203,7 +193,7 @@ class BertModel(FastLMPreTrained):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
-        _init_weights(self, config)
+        self.post_init()
 
     def forward(
         self,
@@ -211,17 +201,32 @@ class BertModel(FastLMPreTrained):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        **unused,
-    ) -> BaseModelOutput:
-        return self._run(
-            input_ids, attention_mask, token_type_ids, position_ids, self.backend, unused
-        )
-
-    def _run(
-        self, input_ids, attention_mask, token_type_ids, position_ids, backend, unused
+        **kwargs,
     ) -> BaseModelOutput:
         where = f"{type(self).__name__}.forward"
-        _reject_unused(unused, where)
+        hidden, return_dict = forward_flags(kwargs, where)
+        out = self._run(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            backend=self.backend,
+            output_hidden_states=hidden,
+            where=where,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _run(
+        self,
+        input_ids,
+        *,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        backend,
+        output_hidden_states: bool,
+        where: str,
+    ) -> BaseModelOutput:
         cfg = self.config
         check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings, where)
         bsz, seq = input_ids.shape
@@ -242,7 +247,7 @@ class BertModel(FastLMPreTrained):
                 f"{where}: token_type_ids must be {tuple(input_ids.shape)} with values in [0, {cfg.type_vocab_size}), "
                 f"got shape {tuple(token_type_ids.shape)}"
             )
-        emb = self.embeddings(input_ids, token_type_ids, position_ids, backend)
+        emb = self.embeddings(input_ids, token_type_ids, position_ids)
 
         if mask is None or bool(mask.all()):
             # No padding: every sequence is full, pack by reshaping (no copy).
@@ -250,172 +255,21 @@ class BertModel(FastLMPreTrained):
             cu = torch.arange(0, (bsz + 1) * seq, seq, device=dev, dtype=torch.int32)
             max_len = seq
         else:
-            packed, indices, cu, max_len = fastlm.unpad_input(emb, mask)
+            packed, indices, cu, max_len = unpad_input(emb, mask)
             max_len = int(max_len)
-        packed = self.encoder(packed, cu, max_len, backend)
-        hidden = (
-            packed.view(bsz, seq, -1)
-            if indices is None
-            else fastlm.pad_input(packed, indices, bsz, seq)
-        )
-        pooled = self.pooler(hidden) if self.pooler is not None else None
-        return BaseModelOutput(last_hidden_state=hidden, pooler_output=pooled)
 
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return x.view(bsz, seq, -1) if indices is None else pad_input(x, indices, bsz, seq)
 
-class BertPredictionHeadTransform(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.approximate = gelu_approximate(config.hidden_act, "BertForMaskedLM")
-
-    def forward(self, x, backend):
-        h = fastlm.linear_gelu(
-            x, self.dense.weight, self.dense.bias, approximate=self.approximate, backend=backend
-        )
-        return _layer_norm(self.LayerNorm, h, backend)
-
-
-class BertLMPredictionHead(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.bias = self.decoder.bias  # HF ties decoder.bias to predictions.bias
-
-    def forward(self, x, backend):
-        return self.decoder(self.transform(x, backend))
-
-
-class BertOnlyMLMHead(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.predictions = BertLMPredictionHead(config)
-
-
-class BertForMaskedLM(FastLMPreTrained):
-    """Drop-in for transformers' BertForMaskedLM; the decoder weight is the word embedding."""
-
-    config_class = BertConfig
-    _tied_keys: ClassVar[dict[str, str]] = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-        "cls.predictions.bias": "cls.predictions.decoder.bias",
-    }
-
-    def __init__(self, config: BertConfig, *, backend: str | None = None):
-        super().__init__(config, backend)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
-        _init_weights(self.cls, config)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-        nn.init.zeros_(self.cls.predictions.bias)
-
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        **unused,
-    ):
-        out = self.bert._run(
-            input_ids, attention_mask, token_type_ids, position_ids, self.backend, unused
-        )
-        logits = self.cls.predictions(out.last_hidden_state, self.backend)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100
-            )
-        return MaskedLMOutput(loss=loss, logits=logits)
-
-
-class BertForSequenceClassification(FastLMPreTrained):
-    """Drop-in for transformers' BertForSequenceClassification (pooled [CLS] -> classifier)."""
-
-    config_class = BertConfig
-
-    def __init__(self, config: BertConfig, *, backend: str | None = None):
-        super().__init__(config, backend)
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config)
-        p = (
-            config.classifier_dropout
-            if config.classifier_dropout is not None
-            else config.hidden_dropout_prob
-        )
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        _init_weights(self.classifier, config)
-
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        **unused,
-    ):
-        out = self.bert._run(
-            input_ids, attention_mask, token_type_ids, position_ids, self.backend, unused
-        )
-        logits = self.classifier(self.dropout(out.pooler_output))
-        loss = (
-            None
-            if labels is None
-            else _classification_loss(logits, labels, self.num_labels, self.config.problem_type)
-        )
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def _classification_loss(logits, labels, num_labels, problem_type):
-    """transformers' rule: regression for 1 label, single-label for integer labels, else multi-label."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
+        if max_len == 0:
+            # Every row is padding: nothing to compute; padded positions hold zeros.
+            states = [packed] * (len(self.encoder.layer) + 1)
         else:
-            problem_type = "multi_label_classification"
-    if problem_type == "regression":
-        return (
-            F.mse_loss(logits.squeeze(), labels.squeeze())
-            if num_labels == 1
-            else F.mse_loss(logits, labels)
+            packed, states = self.encoder(packed, cu, max_len, backend, output_hidden_states)
+        hidden = pad(packed)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return BaseModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=pooled,
+            hidden_states=tuple(pad(s) for s in states) if output_hidden_states else None,
         )
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    raise ValueError(f"BertForSequenceClassification: unknown problem_type {problem_type!r}")
-
-
-def _reject_unused(unused: dict, where: str) -> None:
-    """Accept HF keyword arguments that do not change the result; refuse the rest loudly."""
-    harmless = {"return_dict", "output_attentions", "output_hidden_states", "use_cache"}
-    bad = [k for k, v in unused.items() if k not in harmless and v is not None and v is not False]
-    if bad:
-        raise NotImplementedError(
-            f"{where}: argument(s) {sorted(bad)} are not supported by the fastlm model"
-        )
-
-
-@torch.no_grad()
-def _init_weights(module: nn.Module, config: BertConfig) -> None:
-    """HF BERT initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
-    std = 0.02
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            m.weight.normal_(0.0, std)
-            if m.bias is not None:
-                m.bias.zero_()
-        elif isinstance(m, nn.Embedding):
-            m.weight.normal_(0.0, std)
-            if m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)
-            m.bias.zero_()

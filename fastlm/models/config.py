@@ -34,6 +34,14 @@ def gelu_approximate(act: str, model: str) -> str:
     return approx
 
 
+PROBLEM_TYPES = (
+    None,
+    "regression",
+    "single_label_classification",
+    "multi_label_classification",
+)
+
+
 def _positive_int(cfg: Any, name: str) -> None:
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -46,9 +54,36 @@ def _probability(cfg: Any, name: str) -> None:
         raise ValueError(f"{type(cfg).__name__}: {name} must be a probability in [0, 1), got {v!r}")
 
 
+@dataclass
 class _ConfigBase:
+    """Fields every model shares: the task heads' labels and HF's initialisation and tying."""
+
     model_type: ClassVar[str] = ""
     aliases: ClassVar[dict[str, str]] = {}
+
+    num_labels: int = 2
+    id2label: dict = field(default_factory=dict)
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    architectures: list | None = None
+
+    def _check_shared(self) -> None:
+        if self.id2label:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        _positive_int(self, "num_labels")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"{type(self).__name__}: problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}"
+            )
+        if self.classifier_dropout is not None:
+            _probability(self, "classifier_dropout")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(
+                f"{type(self).__name__}: initializer_range must be >= 0, got {self.initializer_range!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -68,13 +103,22 @@ class _ConfigBase:
         return cls(**kw)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike):
+    def from_json_file(cls, path: str | os.PathLike, **overrides):
+        """The config of a ``config.json``, with ``overrides`` (field=value) applied on top.
+
+        ``num_labels`` overrides the file's ``id2label`` (transformers' rule)."""
         with open(path) as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{cls.__name__}: {path} is not valid JSON ({exc})") from exc
-        return cls.from_dict(d)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            d.pop("id2label", None)
+        return cls.from_dict({**d, **overrides})
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} | set(cls.aliases)
 
     @classmethod
     def from_hf(cls, hf_config: Any):
@@ -82,7 +126,13 @@ class _ConfigBase:
         return cls.from_dict(hf_config.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+        d = {"model_type": self.model_type, **dataclasses.asdict(self)}
+        d["label2id"] = {v: k for k, v in self.id2label.items()}
+        return d
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
 
 @dataclass
@@ -104,10 +154,6 @@ class BertConfig(_ConfigBase):
     position_embedding_type: str = "absolute"
     is_decoder: bool = False
     add_cross_attention: bool = False
-    num_labels: int = 2
-    classifier_dropout: float | None = None
-    problem_type: str | None = None
-    id2label: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for n in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -127,10 +173,7 @@ class BertConfig(_ConfigBase):
             )
         if self.is_decoder or self.add_cross_attention:
             raise NotImplementedError("BertConfig: decoder / cross-attention BERT is not supported")
-        if self.id2label and not isinstance(self.num_labels, int):
-            raise ValueError(f"BertConfig: num_labels must be an int, got {self.num_labels!r}")
-        if self.id2label:
-            self.num_labels = len(self.id2label)
+        self._check_shared()
         gelu_approximate(self.hidden_act, "BertModel")
 
     @property
@@ -163,7 +206,6 @@ class GPT2Config(_ConfigBase):
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
     add_cross_attention: bool = False
-    tie_word_embeddings: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
@@ -179,10 +221,7 @@ class GPT2Config(_ConfigBase):
             )
         if self.add_cross_attention:
             raise NotImplementedError("GPT2Config: cross-attention GPT-2 is not supported")
-        if not self.tie_word_embeddings:
-            raise NotImplementedError(
-                "GPT2Config: an untied lm_head is not supported (GPT-2 ties it)"
-            )
+        self._check_shared()
         gelu_approximate(self.activation_function, "GPT2Model")
 
     # transformers' generic names, so code can read either spelling.

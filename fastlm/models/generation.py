@@ -1,4 +1,4 @@
-"""Autoregressive generation for fastlm GPT-2 with a StaticKVCache.
+"""Autoregressive generation for fastlm GPT-2 with a StaticKVCache, as transformers' generate.
 
 Prompts come batched and left-padded (the transformers convention). Prefill runs the whole
 prompt through fastlm.attention with the padding as key_padding_mask and position ids
@@ -6,106 +6,280 @@ prompt through fastlm.attention with the padding as key_padding_mask and positio
 each prompt compactly, so decoding (fastlm.attention_with_kvcache) needs only the
 per-sequence lengths and the next position of sequence b is simply ``seqlens[b]``.
 
-Greedy decoding returns the same tokens as ``transformers`` ``generate(do_sample=False)``
-on the same weights (tests/models check it). Finished sequences (eos emitted) continue
-with ``pad_token_id`` (default: eos) as transformers does; generation stops when every
-sequence has finished or after ``max_new_tokens``.
+Each step turns the last logits into the next token the way transformers does, in its order:
+
+    scores = logits (fp32)
+    scores = repetition_penalty(scores, tokens so far)        s/p if s > 0 else s*p (not padding)
+    scores = no_repeat_ngram(scores)                          -inf for tokens closing a seen n-gram
+    scores = min_new_tokens(scores)                           -inf for eos while too short
+    greedy: argmax(scores)
+    sample: temperature -> top_k -> top_p, then multinomial(softmax, generator)
+
+Finished rows (eos emitted) continue with ``pad_token_id`` (default: eos); generation stops
+when every row has finished, a stopping criterion says so, or at max_new_tokens/max_length.
+Greedy decoding returns transformers' tokens, the eos included (tests/models check it).
+``num_beams > 1`` runs :func:`fastlm.models.beam_search.beam_search` on the same processors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
 
 from fastlm.models._base import check_attention_mask, check_input_ids
+from fastlm.models.beam_search import beam_search
+from fastlm.models.generation_config import GenerationConfig
+from fastlm.models.outputs import _Output
+
+WHERE = "GPT2LMHeadModel.generate"
+NEG_INF = float("-inf")
 
 
-def _filter_logits(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
-):
+@dataclass
+class GenerateDecoderOnlyOutput(_Output):
+    """``return_dict_in_generate=True``: the sequences and, with ``output_scores``, the
+    processed scores (B*num_return_sequences, vocab) of every step."""
+
+    sequences: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+
+
+def _check(gc: GenerationConfig, vocab: int) -> None:
+    def positive_int(name, minimum=1, optional=False):
+        v = getattr(gc, name)
+        if optional and v is None:
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ValueError(f"{WHERE}: {name} must be an int >= {minimum}, got {v!r}")
+
+    positive_int("max_new_tokens", 0, optional=True)
+    positive_int("max_length", 1)
+    positive_int("min_new_tokens", 0, optional=True)
+    positive_int("min_length", 0)
+    positive_int("top_k", 1, optional=True)
+    positive_int("no_repeat_ngram_size", 0)
+    positive_int("num_return_sequences", 1)
+    positive_int("num_beams", 1)
+    if not isinstance(gc.temperature, (int, float)) or not gc.temperature > 0:
+        raise ValueError(f"{WHERE}: temperature must be > 0, got {gc.temperature!r}")
+    if not isinstance(gc.top_p, (int, float)) or not 0 < gc.top_p <= 1:
+        raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {gc.top_p!r}")
+    if not isinstance(gc.repetition_penalty, (int, float)) or not gc.repetition_penalty > 0:
+        raise ValueError(f"{WHERE}: repetition_penalty must be > 0, got {gc.repetition_penalty!r}")
+    if gc.num_beams > 1:
+        if gc.do_sample:
+            raise NotImplementedError(
+                f"{WHERE}: do_sample=True with num_beams > 1 (beam sampling) is not implemented"
+            )
+        if gc.output_scores:
+            raise NotImplementedError(
+                f"{WHERE}: output_scores with num_beams > 1 is not implemented"
+            )
+        if gc.num_return_sequences > gc.num_beams:
+            raise ValueError(
+                f"{WHERE}: num_return_sequences={gc.num_return_sequences} exceeds num_beams={gc.num_beams}"
+            )
+    elif gc.num_return_sequences > 1 and not gc.do_sample:
+        raise ValueError(
+            f"{WHERE}: num_return_sequences={gc.num_return_sequences} needs do_sample=True "
+            "(greedy decoding returns one sequence per prompt)"
+        )
+    for name in ("eos_token_id", "pad_token_id"):
+        ids = _as_list(getattr(gc, name))
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(
+                f"{WHERE}: {name} must be token ids in [0, {vocab}), got {getattr(gc, name)!r}"
+            )
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def repetition_penalty(
+    scores: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's penalty on every token present at a ``valid`` position of ``tokens`` (B, L)
+    (prompt padding does not count): divide positive scores, multiply negative ones
+    (transformers' RepetitionPenaltyLogitsProcessor)."""
+    vocab = scores.shape[-1]
+    seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    seen.scatter_(1, tokens.masked_fill(~valid, vocab), True)  # padding lands in column V
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen[:, :vocab], penalized, scores)
+
+
+def no_repeat_ngram(scores: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """-inf for every token that would repeat an n-gram of ``tokens`` (B, L): those whose
+    preceding n-1 tokens equal the last n-1. On device, no host loop."""
+    length = tokens.shape[1]
+    if length + 1 < n:
+        return scores
+    grams = tokens.unfold(1, n, 1)  # (B, L - n + 1, n)
+    prefix = tokens[:, length - n + 1 :]  # (B, n - 1)
+    hits = (grams[:, :, : n - 1] == prefix[:, None]).all(-1)  # (B, L - n + 1)
+    banned = torch.zeros_like(scores).scatter_add_(1, grams[:, :, -1], hits.to(scores.dtype))
+    return scores.masked_fill(banned > 0, NEG_INF)
+
+
+def top_k_top_p(scores: torch.Tensor, temperature: float, top_k: int | None, top_p: float):
     """transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper."""
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+    scores = scores / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
         remove = cum <= (1 - top_p)
         remove[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return logits
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
+    return scores
 
 
-def _check_args(max_new_tokens, temperature, top_k, top_p, vocab):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
+def _process(gc, scores, tokens, valid, step: int, min_new: int, eos_ids: torch.Tensor):
+    """The logits processors, in transformers' order (see the module docstring)."""
+    if gc.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, tokens, valid, gc.repetition_penalty)
+    if gc.no_repeat_ngram_size > 0:
+        scores = no_repeat_ngram(scores, tokens, gc.no_repeat_ngram_size)
+    if step < min_new and eos_ids.numel():
+        scores = scores.index_fill(1, eos_ids, NEG_INF)
+    return scores
+
+
+def _stop_requested(criteria, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: any stopping criterion (transformers' StoppingCriteria or any callable
+    (input_ids, scores) -> bool or (B,) bool) says stop."""
+    stop = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for criterion in criteria:
+        r = criterion(tokens, scores)
+        stop = stop | torch.as_tensor(r, device=tokens.device).to(torch.bool).expand_as(stop)
+    return stop
 
 
 def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """(B, S) prompt ids (left-padded) -> (B, S + n) with n <= max_new_tokens new tokens."""
+    streamer=None,
+    stopping_criteria: Iterable[Callable] | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    """(B, S) prompt ids (left-padded) -> (B * num_return_sequences, S + n) with
+    n <= max_new_tokens new tokens (or a GenerateDecoderOnlyOutput).
+
+    Defaults come from ``generation_config`` (else ``model.generation_config``: the
+    checkpoint's generation_config.json, or its config's special tokens); ``kwargs``
+    override single fields of it (``max_new_tokens=``, ``do_sample=``, ``top_p=`` ...) and
+    an unknown one raises TypeError naming it. ``generator`` makes sampling reproducible;
+    ``streamer`` receives ``put(prompt)``, ``put(tokens)`` per step and ``end()``.
+    """
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        if not hasattr(generation_config, "to_diff_dict"):
+            raise TypeError(
+                f"{WHERE}: generation_config must be a fastlm or transformers GenerationConfig, "
+                f"got {type(generation_config).__name__}"
+            )
+        # A transformers GenerationConfig: its non-default settings, each one checked.
+        generation_config = GenerationConfig().update(**generation_config.to_diff_dict())
+    gc = (generation_config or model.generation_config).update(**kwargs)
     cfg = model.config
-    where = "GPT2LMHeadModel.generate"
-    _check_args(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
-    check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, where)
+    _check(gc, cfg.vocab_size)
+    check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, WHERE)
     bsz, seq = input_ids.shape
-    mask = check_attention_mask(attention_mask, (bsz, seq), where)
+    mask = check_attention_mask(attention_mask, (bsz, seq), WHERE)
     if mask is not None and not bool(mask[:, -1].all()):
         raise ValueError(
-            f"{where}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding"
+            f"{WHERE}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding"
         )
     if mask is not None and not bool(mask.any(1).all()):
-        raise ValueError(f"{where}: every prompt needs at least one token with attention_mask 1")
-    if seq + max_new_tokens > cfg.n_positions:
+        raise ValueError(f"{WHERE}: every prompt needs at least one token with attention_mask 1")
+    max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - seq
+    if max_new < 0:
         raise ValueError(
-            f"{where}: prompt length {seq} + max_new_tokens {max_new_tokens} exceeds n_positions {cfg.n_positions}"
+            f"{WHERE}: the prompt ({seq} tokens) is longer than max_length {gc.max_length}; "
+            "pass max_new_tokens"
         )
-    if max_new_tokens == 0:
-        return input_ids
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    if seq + max_new > cfg.n_positions:
+        raise ValueError(
+            f"{WHERE}: prompt length {seq} + max_new_tokens {max_new} exceeds n_positions {cfg.n_positions}"
+        )
+    min_new = gc.min_new_tokens if gc.min_new_tokens is not None else max(gc.min_length - seq, 0)
+    eos = _as_list(gc.eos_token_id)
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
 
-    cache = model.new_cache(bsz, seq + max_new_tokens)
+    if gc.num_beams > 1 and (streamer is not None or stopping_criteria):
+        raise NotImplementedError(
+            f"{WHERE}: streamer and stopping_criteria with num_beams > 1 are not implemented"
+        )
+    copies = gc.num_beams if gc.num_beams > 1 else gc.num_return_sequences
+    if copies > 1:
+        input_ids = input_ids.repeat_interleave(copies, 0)
+        mask = None if mask is None else mask.repeat_interleave(copies, 0)
+        bsz = input_ids.shape[0]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    scores_out: list[torch.Tensor] = []
+    if max_new == 0:
+        return _result(gc, input_ids, scores_out, streamer)
+
+    cache = model.new_cache(bsz, seq + max_new)
     if mask is None:
         pos = torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq)
     else:
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = model(
+    logits = model(
         input_ids, past_key_values=cache, attention_mask=mask, position_ids=pos, logits_to_keep=1
-    )
-    tokens = [input_ids]
+    ).logits[:, -1]
+    if gc.num_beams > 1:
+        # transformers' fill value for beams shorter than the longest: (pad or eos[0]).
+        fill = (gc.pad_token_id or eos[0]) if eos else -1
+        out = beam_search(model, input_ids, mask, cache, logits, gc,
+                          lambda s, t, v, step: _process(gc, s, t, v, step, min_new, eos_ids),
+                          max_new, fill)  # fmt: skip
+        return _result(gc, out, scores_out, streamer)
+    tokens = input_ids
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-    logits = out.logits[:, -1]
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if do_sample:
-            probs = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1).squeeze(1)
+    for step in range(max_new):
+        scores = _process(gc, logits.float(), tokens, valid, step, min_new, eos_ids)
+        if gc.do_sample:
+            scores = top_k_top_p(scores, gc.temperature, gc.top_k, gc.top_p)
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
-            nxt = logits.argmax(-1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            done = done | (nxt == eos_token_id)
-        tokens.append(nxt[:, None])
-        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            nxt = scores.argmax(-1)
+        if gc.output_scores:
+            scores_out.append(scores)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones_like(done)[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if eos:
+            done = done | torch.isin(nxt, eos_ids)
+        if stopping_criteria:
+            done = done | _stop_requested(stopping_criteria, tokens, scores)
+        if step + 1 == max_new or ((eos or stopping_criteria) and bool(done.all())):
             break
         pos = cache.seqlens.long()[:, None]
         logits = model(nxt[:, None], past_key_values=cache, position_ids=pos).logits[:, -1]
-    return torch.cat(tokens, dim=1)
+    return _result(gc, tokens, scores_out, streamer)
+
+
+def _result(gc: GenerationConfig, tokens, scores, streamer):
+    if streamer is not None:
+        streamer.end()
+    if gc.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=tokens, scores=tuple(scores) if gc.output_scores else None
+        )
+    return tokens

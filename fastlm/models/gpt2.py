@@ -30,19 +30,33 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import fastlm
 from fastlm.models._base import (
     FastLMPreTrained,
     check_attention_mask,
     check_input_ids,
     check_position_ids,
+    forward_flags,
 )
 from fastlm.models.config import GPT2Config, gelu_approximate
+from fastlm.models.heads import (
+    TaskModel,
+    causal_lm_loss,
+    classifier_dropout,
+    sequence_classification_loss,
+    token_loss,
+)
 from fastlm.models.kv_cache import StaticKVCache
-from fastlm.models.outputs import BaseModelOutput, CausalLMOutput
+from fastlm.models.outputs import (
+    BaseModelOutput,
+    CausalLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from fastlm.nn import GeluFFN, LayerNorm
+from fastlm.ops.attention import attention
+from fastlm.ops.attention_kvcache import attention_with_kvcache
 
 
 class Conv1D(nn.Module):
@@ -78,7 +92,7 @@ class GPT2Attention(nn.Module):
         q, k, v = qkv.unbind(2)
         p = self.attn_dropout.p if self.training else 0.0
         if cache is None or cache.is_empty:
-            out = fastlm.attention(
+            out = attention(
                 q,
                 k,
                 v,
@@ -96,7 +110,7 @@ class GPT2Attention(nn.Module):
                     "GPT2Model: attention dropout with a non-empty KV cache is not supported; use eval() to decode"
                 )
             kc, vc = cache.layer(self.layer_idx)
-            out = fastlm.attention_with_kvcache(
+            out = attention_with_kvcache(
                 q,
                 kc,
                 vc,
@@ -116,27 +130,24 @@ class GPT2MLP(nn.Module):
         self.c_fc = Conv1D(inner, config.n_embd)
         self.c_proj = Conv1D(config.n_embd, inner)
         self.dropout = nn.Dropout(config.resid_pdrop)
-        self.approximate = gelu_approximate(config.activation_function, "GPT2Model")
+        # The fused FFN over HF's two Conv1D layers (shared parameters; their transposed
+        # weights are strided views). Kept out of the module tree: state_dict keeps HF's names.
+        self.__dict__["ffn"] = GeluFFN.from_linears(
+            self.c_fc, self.c_proj, gelu_approximate(config.activation_function, "GPT2Model")
+        )
 
     def forward(self, x: torch.Tensor, backend) -> torch.Tensor:
-        y = fastlm.gelu_ffn(
-            x, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias,
-            approximate=self.approximate, backend=backend,
-        )  # fmt: skip
-        return self.dropout(y)
+        self.ffn.backend = backend
+        return self.dropout(self.ffn(x))
 
 
 class GPT2Block(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config.inner_dim, config)
-
-
-def _ln(ln: nn.LayerNorm, x, residual, backend):
-    return fastlm.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
 
 
 class GPT2Model(FastLMPreTrained):
@@ -151,10 +162,8 @@ class GPT2Model(FastLMPreTrained):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        with torch.no_grad():
-            self.wte.weight.normal_(0.0, 0.02)
-            self.wpe.weight.normal_(0.0, 0.01)
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
         """An empty StaticKVCache for this model (default capacity: n_positions)."""
@@ -173,27 +182,38 @@ class GPT2Model(FastLMPreTrained):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **unused,
+        **kwargs,
     ) -> BaseModelOutput:
-        return self._run(input_ids, past_key_values, attention_mask, token_type_ids, position_ids, use_cache,
-                         self.backend, unused)  # fmt: skip
+        where = f"{type(self).__name__}.forward"
+        hidden, return_dict = forward_flags(kwargs, where)
+        out = self._run(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            backend=self.backend,
+            output_hidden_states=hidden,
+            where=where,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out if return_dict else out.to_tuple()
 
     def _run(
         self,
         input_ids,
-        cache,
+        *,
         attention_mask,
         token_type_ids,
         position_ids,
-        use_cache,
         backend,
-        unused,
-    ):
-        where = f"{type(self).__name__}.forward"
-        from fastlm.models.bert import _reject_unused
-
-        _reject_unused(unused, where)
+        output_hidden_states: bool,
+        where: str,
+        past_key_values: StaticKVCache | None = None,
+        use_cache: bool | None = None,
+    ) -> BaseModelOutput:
         cfg = self.config
+        cache = past_key_values
         if cache is not None and not isinstance(cache, StaticKVCache):
             raise TypeError(
                 f"{where}: past_key_values must be a fastlm StaticKVCache (model.new_cache(...)), got {type(cache).__name__}"
@@ -209,7 +229,6 @@ class GPT2Model(FastLMPreTrained):
                     f"{where}: the KV cache is for batch {cache.batch_size}, input_ids has batch {bsz}"
                 )
             cache.check_room(seq, where)
-
         mask = None
         if attention_mask is not None and cache is not None and not cache.is_empty:
             # HF passes (B, past + S); only the new tokens' columns matter for compact storage.
@@ -253,15 +272,20 @@ class GPT2Model(FastLMPreTrained):
             # Valid tokens first, in order: the compact layout of the cache.
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
 
-        x = _ln(self.h[0].ln_1, r, None, backend) if len(self.h) else r
+        # transformers' hidden_states: the embeddings, the residual stream after each block
+        # but the last, and ln_f of the last (L + 1 tensors).
+        states = [r] if output_hidden_states else None
+        x = self.h[0].ln_1(r) if len(self.h) else self.ln_f(r)
         for i, block in enumerate(self.h):
             a = block.attn(x, mask, cache, order, backend)
-            x, r = _ln(block.ln_2, a, r, backend)
+            x, r = block.ln_2(a, residual=r)
             m = block.mlp(x, backend)
             nxt = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, r = _ln(nxt, m, r, backend)
-        if not len(self.h):
-            x = _ln(self.ln_f, r, None, backend)
+            x, r = nxt(m, residual=r)
+            if output_hidden_states and i + 1 < len(self.h):
+                states.append(r)
+        if output_hidden_states:
+            states.append(x)
 
         if cache is not None:
             if mask is not None:
@@ -270,69 +294,95 @@ class GPT2Model(FastLMPreTrained):
             else:
                 cache.advance(seq, seq)
         return BaseModelOutput(
-            last_hidden_state=x, past_key_values=cache if cache is not None else None
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(states) if output_hidden_states else None,
         )
 
 
-class GPT2LMHeadModel(FastLMPreTrained):
-    """Drop-in for transformers' GPT2LMHeadModel, with a StaticKVCache-based generate()."""
-
+class _GPT2Task(TaskModel):
     config_class = GPT2Config
-    _tied_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.wte.weight"}
+    backbone_cls = GPT2Model
+    base_model_prefix = "transformer"
+    checkpoint_prefixes = ("transformer.",)
+    backbone_keywords = ("past_key_values", "use_cache")
 
     def __init__(self, config: GPT2Config, *, backend: str | None = None):
-        super().__init__(config, backend)
-        self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        super().__init__(config, backend=backend)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> StaticKVCache:
         return self.transformer.new_cache(batch_size, max_len)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        past_key_values: StaticKVCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        **unused,
-    ) -> CausalLMOutput:
-        out = self.transformer._run(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
-                                    use_cache, self.backend, unused)  # fmt: skip
+
+class GPT2LMHeadModel(_GPT2Task):
+    """Drop-in for transformers' GPT2LMHeadModel, with a StaticKVCache-based generate().
+    The LM head is the word embedding unless ``tie_word_embeddings=False``."""
+
+    _tied_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.wte.weight"}
+    head_keywords = ("labels", "logits_to_keep")
+
+    def build_head(self, config):
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def head(self, out, input_ids, labels=None, logits_to_keep=0):
         h = out.last_hidden_state
         if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"GPT2LMHeadModel.forward: labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                    f"got {tuple(labels.shape)}"
-                )
-            if logits_to_keep:
+            if labels is not None:
                 raise ValueError(
                     "GPT2LMHeadModel.forward: labels need all logits; do not pass logits_to_keep"
                 )
-            # Shifted next-token loss over non-ignored labels, logits upcast as transformers does.
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = causal_lm_loss(logits, labels, "GPT2LMHeadModel.forward")
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:  # fmt: skip
-        """Batched (left-padded) generation; see fastlm.models.generation.generate."""
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """transformers-style generation; see :func:`fastlm.models.generation.generate`."""
         from fastlm.models.generation import generate
 
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id)  # fmt: skip
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+
+class GPT2ForSequenceClassification(_GPT2Task):
+    """Classifies from the last non-padding token (``config.pad_token_id`` marks padding;
+    without one, only batches of one sequence), as transformers does."""
+
+    def build_head(self, config):
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def head(self, out, input_ids, labels=None):
+        where = "GPT2ForSequenceClassification.forward"
+        h = out.last_hidden_state
+        bsz, seq = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if bsz != 1:
+                raise ValueError(
+                    f"{where}: batches of more than one sequence need config.pad_token_id to find "
+                    "each sequence's last token"
+                )
+            last = torch.full((1,), seq - 1, device=h.device)
+        else:
+            # The rightmost non-pad position (argmax of position * is-token).
+            positions = torch.arange(seq, device=h.device)
+            last = (positions * (input_ids != pad)).argmax(-1)
+        logits = self.score(h[torch.arange(bsz, device=h.device), last])
+        loss = sequence_classification_loss(logits, labels, self.config, where)
+        return SequenceClassifierOutput(loss, logits)
+
+
+class GPT2ForTokenClassification(_GPT2Task):
+    """Per-token dropout -> classifier (B, S, num_labels)."""
+
+    def build_head(self, config):
+        self.num_labels = config.num_labels
+        self.dropout = classifier_dropout(config, default=0.1)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+
+    def head(self, out, input_ids, labels=None):
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        return TokenClassifierOutput(
+            token_loss(logits, labels, "GPT2ForTokenClassification.forward"), logits
+        )

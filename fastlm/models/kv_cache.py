@@ -76,6 +76,13 @@ class StaticKVCache:
         self.seqlens += counts if isinstance(counts, int) else counts.to(torch.int32)
         self.max_filled += max_count
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row b takes the contents of row ``rows[b]`` (beam search following parent beams),
+        in place: the cache keeps its buffers."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
+        self.seqlens.copy_(self.seqlens.index_select(0, rows))
+
     def reset(self) -> None:
         self.seqlens.zero_()
         self.max_filled = 0

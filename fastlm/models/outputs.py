@@ -57,18 +57,14 @@ class BaseModelOutput(_Output):
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
     past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
 class MaskedLMOutput(_Output):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-
-
-@dataclass
-class SequenceClassifierOutput(_Output):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -76,3 +72,35 @@ class CausalLMOutput(_Output):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutput(_Output):
+    """Also transformers' TokenClassifierOutput, MultipleChoiceModelOutput and
+    NextSentencePredictorOutput: the same fields."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+TokenClassifierOutput = MultipleChoiceModelOutput = NextSentencePredictorOutput = (
+    SequenceClassifierOutput
+)
+
+
+@dataclass
+class QuestionAnsweringModelOutput(_Output):
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class BertForPreTrainingOutput(_Output):
+    loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
