@@ -20,6 +20,7 @@ import torch
 
 from fastlm import backends
 from fastlm.ops import _checks as C
+from fastlm.ops import _eager
 from fastlm.ops.attention import _cuda, _reference, _torch, _triton
 from fastlm.ops.attention.call import AttentionCall
 
@@ -122,9 +123,14 @@ torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_contex
 
 
 def run(call: AttentionCall, backend: str) -> torch.Tensor:
-    """The output of ``call`` on a kernel backend (through the custom op)."""
+    """The output of ``call`` on a kernel backend: through the custom op, or straight to
+    the backend for eager calls without autograd (fastlm.ops._eager)."""
     seed = draw_seed() if call.dropout_p > 0 else None
-    out, _ = attention_fwd(*_call_args(call), seed, backend)
+    tensors = (call.q, call.k, call.v, call.key_padding_mask, call.cu_seqlens_q, call.cu_seqlens_k)
+    if _eager.direct(*tensors):
+        out, _ = BACKENDS[backend].forward(call, seed)
+    else:
+        out, _ = attention_fwd(*_call_args(call), seed, backend)
     return out
 
 

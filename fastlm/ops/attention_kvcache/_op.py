@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.ops import _eager
 from fastlm.ops.attention_kvcache import _cuda, _reference, _torch, _triton
 
 BACKENDS = {"triton": _triton, "cuda": _cuda, "torch": _torch, "reference": _reference}
@@ -45,7 +46,14 @@ def _(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale, backend):
 
 
 def run(call, backend: str) -> torch.Tensor:
-    """The result of ``call`` on a kernel backend (the caches are appended to in place)."""
+    """The result of ``call`` on a kernel backend (the caches are appended to in place):
+    straight to the backend in eager mode (fastlm.ops._eager; never differentiable), else
+    through the custom op."""
+    if _eager.direct(call.q, call.k_cache, call.v_cache, call.k, call.v):
+        return BACKENDS[backend].forward(
+            call.q, call.k_cache, call.v_cache, call.cache_seqlens, call.k, call.v,
+            call.causal, call.softmax_scale,
+        )  # fmt: skip
     return attention_with_kvcache_op(
         call.q, call.k_cache, call.v_cache, call.cache_seqlens, call.k, call.v,
         call.causal, call.softmax_scale, backend,

@@ -37,6 +37,7 @@ import math
 import torch
 
 from fastlm.ops import _checks as C
+from fastlm.ops import _eager
 from fastlm.ops.ffn import _cuda, _reference, _torch, _triton
 from fastlm.reference._util import compute_dtype
 
@@ -85,6 +86,11 @@ def linear_gelu_fwd(
     store_pre: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _linear_gelu(x, weight, bias, approximate, store_pre, backend)
+
+
+def _linear_gelu(x, weight, bias, approximate, store_pre, backend):
+    """The forward of fastlm::linear_gelu_fwd, also called directly by eager calls."""
     y, h = _kernels(backend).linear_act(x, weight, bias, approximate, store_pre)
     return y, h if h is not None else _absent(x)
 
@@ -177,6 +183,11 @@ def gelu_ffn_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out, a = gelu(h1) (the second GEMM's operand, kept for dW2), h1 or (0,))."""
+    return _gelu_ffn(x, w1, b1, w2, b2, residual, approximate, store_pre, backend)
+
+
+def _gelu_ffn(x, w1, b1, w2, b2, residual, approximate, store_pre, backend):
+    """The forward of fastlm::gelu_ffn_fwd, also called directly by eager calls."""
     impl = _kernels(backend)
     a, h = impl.linear_act(x, w1, b1, approximate, store_pre)
     out = impl.linear_residual(a, w2, b2, residual)
@@ -280,11 +291,15 @@ def run(call, backend: str) -> torch.Tensor:
     x2 = _rows(call.x)
     # h (h1) is only needed for the gradients that flow through the GELU: x, w1, b1.
     store_pre = _needs_backward(call.x, call.w1, call.b1)
+    # Eager calls without autograd skip the custom ops (fastlm.ops._eager).
+    eager = _eager.direct(call.x, call.w1, call.b1, call.w2, call.b2, call.residual)
     if call.w2 is None:
-        y, _ = linear_gelu_fwd(x2, call.w1, call.b1, call.approximate, store_pre, backend)
+        fwd = _linear_gelu if eager else linear_gelu_fwd
+        y, _ = fwd(x2, call.w1, call.b1, call.approximate, store_pre, backend)
     else:
         r2 = _rows(call.residual) if call.residual is not None else None
-        y, _, _ = gelu_ffn_fwd(
+        fwd = _gelu_ffn if eager else gelu_ffn_fwd
+        y, _, _ = fwd(
             x2, call.w1, call.b1, call.w2, call.b2, r2, call.approximate, store_pre, backend
         )
     return y.view(call.out_shape)
