@@ -73,11 +73,17 @@ def set_backend(name: str | None) -> None:
     _override = _normalize(name, "fastlm.set_backend")
 
 
+# FASTLM_BACKEND is read once, when fastlm is imported (reading the environment costs
+# microseconds, too much for every op call); set_backend() changes the choice at run time.
+_ENV_BACKEND = os.environ.get("FASTLM_BACKEND")
+
+
 def get_backend() -> str | None:
-    """The process-wide forced backend (set_backend, else FASTLM_BACKEND), or None for auto."""
+    """The process-wide forced backend (set_backend, else FASTLM_BACKEND as it was when
+    fastlm was imported), or None for the automatic choice."""
     if _override is not None:
         return _override
-    return _normalize(os.environ.get("FASTLM_BACKEND"), "FASTLM_BACKEND")
+    return _normalize(_ENV_BACKEND, "FASTLM_BACKEND")
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,17 +238,32 @@ def choose(
     (op, explicit choice, ``call.dispatch_key()``), so the hot path pays one dict lookup;
     under torch.compile it is taken at trace time only.
     """
-    explicit = _normalize(requested, f"fastlm.{op}") if requested is not None else get_backend()
+    if requested is None:
+        forced = _override if _override is not None else _ENV_BACKEND
+    elif type(requested) is str:
+        forced = requested
+    else:
+        forced = _normalize(requested, f"fastlm.{op}")  # raises: not a string
     if torch.compiler.is_compiling():
-        return _decide(op, call, op_backends, explicit)
-    key = (op, explicit, call.dispatch_key())
+        return _decide(op, call, op_backends, _explicit(op, requested, forced))
+    # Keyed by the raw request: the hot path normalizes nothing; a miss does it once.
+    key = (op, forced, call.dispatch_key())
     chosen = _DECISIONS.get(key)
     if chosen is None:
-        chosen = _decide(op, call, op_backends, explicit)
+        chosen = _decide(op, call, op_backends, _explicit(op, requested, forced))
         if len(_DECISIONS) >= _MAX_DECISIONS:
             _DECISIONS.clear()
         _DECISIONS[key] = chosen
     return chosen
+
+
+def _explicit(op: str, requested: str | None, forced: str | None) -> str | None:
+    """The normalized explicit choice; errors name where the bad name came from."""
+    if requested is not None:
+        return _normalize(requested, f"fastlm.{op}")
+    if forced is _ENV_BACKEND:
+        return _normalize(forced, "FASTLM_BACKEND")
+    return forced  # set_backend() normalized it already
 
 
 def forget_decisions() -> None:

@@ -16,7 +16,9 @@ from fastlm.ops import _checks as C
 OP = "layer_norm"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass pays object.__setattr__ per field (0.65 against 0.19 us
+# per record, measured); records are built once per call and never modified.
+@dataclass(slots=True)
 class LayerNormCall:
     """x (..., N); weight, bias (N,) or None; residual like x or None."""
 
@@ -40,33 +42,67 @@ class LayerNormCall:
     @classmethod
     def checked(cls, x, weight, bias, eps, residual) -> LayerNormCall:
         """Validate the public arguments (ValueError/TypeError naming what was expected and
-        what was given) and build the record."""
-        C.check_tensor(OP, "x", x)
-        C.check_float(OP, "x", x)
-        if x.dim() < 1:
-            raise ValueError(f"fastlm.{OP}: x must have at least 1 dimension, got a 0-d tensor")
-        n = x.shape[-1]
-        if n == 0:
-            raise ValueError(
-                f"fastlm.{OP}: the normalized (last) dimension of x is empty, shape {tuple(x.shape)}"
-            )
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None:
-                C.check_tensor(OP, name, t)
-                C.check_float(OP, name, t)
-                C.check_shape(OP, name, t, (n,))
-        if residual is not None:
-            C.check_tensor(OP, "residual", residual)
-            if residual.shape != x.shape:
-                raise ValueError(
-                    f"fastlm.{OP}: residual must have the shape of x {tuple(x.shape)}, got "
-                    f"{tuple(residual.shape)}"
-                )
-        C.check_same_device(OP, "x", x, weight=weight, bias=bias, residual=residual)
-        C.check_same_dtype(OP, "x", x, residual=residual)
-        for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
-            if t is not None:
-                C.check_last_dim_contiguous(OP, name, t)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"fastlm.{OP}: eps must be a non-negative float, got {eps!r}")
+        what was given) and build the record. The usual, valid call is recognised in a few
+        attribute reads (_plainly_valid); anything else gets every check (_validate)."""
+        if not _plainly_valid(x, weight, bias, eps, residual):
+            _validate(x, weight, bias, eps, residual)
         return cls(x, weight, bias, residual, float(eps))
+
+
+_FLOAT = frozenset(C.FLOAT_DTYPES)
+
+
+def _plainly_valid(x, weight, bias, eps, residual) -> bool:
+    """A cheap sufficient condition for _validate to pass: plain tensors of the supported
+    dtypes on x's device, the expected shapes, unit last-dim strides, a float eps >= 0. The
+    hot path of every model; False only means "check everything", never "invalid"."""
+    if type(x) is not torch.Tensor or x.dtype not in _FLOAT or x.dim() == 0:
+        return False
+    n = x.shape[-1]
+    if n == 0 or (n != 1 and x.stride(-1) != 1):
+        return False
+    device = x.device
+    for t in (weight, bias):
+        if t is not None and (
+            type(t) is not torch.Tensor or t.dtype not in _FLOAT or t.shape != (n,)
+            or (n != 1 and t.stride(0) != 1) or t.device != device
+        ):  # fmt: skip
+            return False
+    if residual is not None and (
+        type(residual) is not torch.Tensor or residual.dtype != x.dtype
+        or residual.shape != x.shape or (n != 1 and residual.stride(-1) != 1)
+        or residual.device != device
+    ):  # fmt: skip
+        return False
+    return type(eps) is float and eps >= 0
+
+
+def _validate(x, weight, bias, eps, residual) -> None:
+    C.check_tensor(OP, "x", x)
+    C.check_float(OP, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"fastlm.{OP}: x must have at least 1 dimension, got a 0-d tensor")
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(
+            f"fastlm.{OP}: the normalized (last) dimension of x is empty, shape {tuple(x.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            C.check_tensor(OP, name, t)
+            C.check_float(OP, name, t)
+            C.check_shape(OP, name, t, (n,))
+    if residual is not None:
+        C.check_tensor(OP, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"fastlm.{OP}: residual must have the shape of x {tuple(x.shape)}, got "
+                f"{tuple(residual.shape)}"
+            )
+    C.check_same_device(OP, "x", x, weight=weight, bias=bias, residual=residual)
+    C.check_same_dtype(OP, "x", x, residual=residual)
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            C.check_last_dim_contiguous(OP, name, t)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"fastlm.{OP}: eps must be a non-negative float, got {eps!r}")
