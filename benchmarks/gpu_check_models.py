@@ -95,6 +95,7 @@ class Models:
             )  # fmt: skip
             self.gpt2_cfg = transformers.GPT2Config(
                 n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64,
+                bos_token_id=96, eos_token_id=96,  # inside the tiny vocabulary
             )  # fmt: skip
             self.seq, self.lengths, self.new_tokens = 9, [9, 5, 2], 4
         else:
@@ -164,7 +165,8 @@ class Models:
         with torch.no_grad():
             ref = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=0)  # fmt: skip
-            got = ours.generate(ids, attention_mask=mask, max_new_tokens=n)
+            got = ours.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                pad_token_id=0)  # fmt: skip
         same = got.shape == ref.shape and torch.equal(got, ref)
         assert same, (
             f"greedy tokens differ: fastlm {got[:, -n:].tolist()} vs HF {ref[:, -n:].tolist()}"

@@ -256,9 +256,23 @@ def test_pre_activation_stored_only_when_a_backward_can_follow(monkeypatch, devi
     """The forward writes h only when grad mode is on and an input h's gradient flows to
     (x, w1, b1) requires grad; for inference and second-layer-only training it skips it."""
     seen = []
-    for name in ("linear_gelu_fwd", "gelu_ffn_fwd"):
-        real = getattr(op, name)
-        monkeypatch.setattr(op, name, lambda *a, real=real: seen.append(a[-2]) or real(*a))
+    real_kernels = op._kernels
+
+    class Recording:
+        """The backend's first-GEMM primitive, recording its store_pre argument (the one
+        place both the custom op and the eager direct path go through)."""
+
+        def __init__(self, backend):
+            self.impl = real_kernels(backend)
+
+        def linear_act(self, x, w, b, approximate, store_pre):
+            seen.append(store_pre)
+            return self.impl.linear_act(x, w, b, approximate, store_pre)
+
+        def __getattr__(self, name):
+            return getattr(self.impl, name)
+
+    monkeypatch.setattr(op, "_kernels", Recording)
     x = torch.randn(3, 4, device=device)
     w1, b1 = torch.randn(6, 4, device=device), torch.randn(6, device=device)
     w2 = torch.randn(5, 6, device=device)
