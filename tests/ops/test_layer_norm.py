@@ -150,11 +150,14 @@ def test_property_fp32(m, n, residual):
     _check("triton", (m, n), torch.float32, device, residual=residual)
 
 
-def test_eps_is_honoured(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_is_honoured(backend, device):
     x = 0.1 * torch.randn(2, 8, device=device)  # variance ~1e-2: eps=10 changes y visibly
     for eps in (1e-12, 10.0):
-        y = fastlm.layer_norm(x, None, None, eps, backend="triton")
+        y = fastlm.layer_norm(x, None, None, eps, backend=backend)
         torch.testing.assert_close(y, F.layer_norm(x, (8,), eps=eps))
+        y, _ = fastlm.layer_norm(x, None, None, eps, residual=x, backend=backend)
+        torch.testing.assert_close(y, F.layer_norm(x + x, (8,), eps=eps))
 
 
 # ------------------------------------------------------------------ bad input
