@@ -19,10 +19,11 @@ endif
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-compat demo bench gpu-test check lint format clean
+.PHONY: help venv test test-quick test-compat demo bench gpu-test check lint format clean
 
 help:
 	@echo "make test      set up .venv and run the test suite (Triton interpreter without a GPU)"
+	@echo "make test-quick  the op/module/dispatch tests in fp32, stop at the first failure"
 	@echo "make demo      MiniLM BERT and GPT-2 through fastlm vs Hugging Face"
 	@echo "make bench     kernel and model benchmarks (needs a GPU)"
 	@echo "make gpu-test  the test suite on a GPU, offline (reuses the installed torch/triton)"
@@ -59,6 +60,12 @@ venv: $(VENV)/.stamp-test
 
 test: $(VENV)/.stamp-test
 	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The inner loop while changing an op: every op, module and dispatch test in fp32 only,
+# stopping at the first failure (about a quarter of `make test`). `make test` before landing.
+QUICK_TESTS ?= tests/ops tests/nn tests/test_backends.py tests/csrc/test_dispatch.py
+test-quick: $(VENV)/.stamp-test
+	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) -x -k "not float16 and not fp16" $(QUICK_TESTS) $(PYTEST_ARGS)
 
 # The GPU image pins older versions than a fresh CPU install gets: run the suite against
 # them too (interpreter), so API drift shows up before a GPU session. numpy < 2.3 because

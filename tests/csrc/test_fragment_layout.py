@@ -27,6 +27,9 @@ import math
 import numpy as np
 import pytest
 
+from fastlm._cuda_ext import ATTENTION_HEAD_DIMS as HEAD_DIMS  # csrc/fastlm_limits.h
+from tests.csrc.csrc_constants import constants
+
 LANES = np.arange(32)
 G = LANES // 4  # groupID
 TIG = LANES % 4  # threadID_in_group
@@ -86,7 +89,8 @@ def shfl_xor(v: np.ndarray, mask: int) -> np.ndarray:
 
 
 # ------------------------------------------------ attention_fwd.cu, transcribed per lane
-BM, BN, WARPS = 128, 64, 8
+_FWD = constants("attention_fwd.cu")
+BM, BN, WARPS = _FWD["kBM"], _FWD["kBN"], _FWD["kWarps"]
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -267,7 +271,7 @@ def test_mma_model_is_a_matmul():
         np.testing.assert_allclose(d[:, i], D[np.where(i < 2, G, G + 8), TIG * 2 + (i & 1)])
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_ldmatrix_q_k_gives_qk_transposed(D):
     """Q fragments (ldmatrix x4) times K fragments (ldmatrix x4, no trans), with the
     kernel's lane addresses, give S = Q K^T in the C layout, for every ks / n-tile pair."""
@@ -291,7 +295,7 @@ def test_ldmatrix_q_k_gives_qk_transposed(D):
                 np.testing.assert_allclose(s[t][:, e], ref[row, col], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_p_repack_and_ldmatrix_trans_give_pv(D):
     """S accumulators re-packed as A fragments (two C tiles -> one A tile) times V through
     ldmatrix.trans give P V in the C layout of O."""
@@ -318,7 +322,7 @@ def test_p_repack_and_ldmatrix_trans_give_pv(D):
             )
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_padded_rows_make_ldmatrix_conflict_free(D):
     """Rows padded to D + 8 elements: every 8-address phase of each ldmatrix in the kernel
     hits 32 distinct banks (the padding is the only 'swizzle'; nothing to undo on read)."""
@@ -346,7 +350,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("sq,sk,causal,masked", CASES)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_attention_kernel_emulation_matches_reference(sq, sk, causal, masked, D):
     if D == 128 and sq > 64:
         pytest.skip("the long shapes run at D=64 only (CPU time); D=128 covers short ones")
@@ -384,7 +388,9 @@ def test_attention_emulation_detects_a_wrong_repack():
 
 
 # ------------------------------------------------------- attention_decode.cu, per block
-DEC_THREADS, DEC_UNROLL, DEC_MAX_QPB = 128, 4, 4
+_DEC = constants("attention_decode.cu")
+DEC_THREADS, DEC_UNROLL, DEC_MAX_QPB = _DEC["kThreads"], _DEC["kUnroll"], _DEC["kMaxHeadsPerBlock"]
+DEC_MAX_SPLITS = _DEC["kMaxSplits"]
 
 
 def decode_heads_per_block(heads, kv_heads):  # heads_per_block()
@@ -400,7 +406,7 @@ def decode_num_splits(batch, seqlen_q, heads, kv_heads, cache_len, sm_count):
     blocks = max(1, batch * seqlen_q * kv_heads * math.ceil(heads // max(1, kv_heads) / qpb))
     want = math.ceil(2 * max(sm_count, 1) / blocks)
     cap = max(1, math.ceil(cache_len / 256))
-    return int(min(max(min(want, cap), 1), 64))
+    return int(min(max(min(want, cap), 1), DEC_MAX_SPLITS))
 
 
 def decode_split_range(end, split, splits, D):
@@ -512,7 +518,7 @@ def decode_kernel(q, kc, vc, seqlens, causal, scale, splits, reads=None):
     return o, lse
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 5])
 @pytest.mark.parametrize(
@@ -548,7 +554,7 @@ def test_decode_num_splits_and_ranges_cover_the_keys():
             s = decode_num_splits(rows, 1, 8, 2, cache_len, sms)
             assert 1 <= s <= 64
             for end in sorted({0, 1, cache_len // 3, cache_len}):
-                for D in (64, 128):
+                for D in HEAD_DIMS:
                     keys = [k for sp in range(s) for k in range(*decode_split_range(end, sp, s, D))]
                     assert keys == list(range(end)), (cache_len, s, end, D)
 
@@ -573,7 +579,9 @@ def test_decode_heads_per_block_shares_kv_over_the_group():
 
 
 # ------------------------------------------------------------------ layer_norm.cu config
-LN_MAX_N, KMAX_RPB = 16384, 8
+LN_MAX_N = constants("fastlm_limits.h")["kLayerNormMaxN"]
+KMAX_RPB = constants("layer_norm.cu")["kMaxRowsPerBlock"]
+_LN = constants("layer_norm.cu")
 
 
 def ln_config(n, vec, max_threads):
@@ -596,7 +604,7 @@ def instantiated_nv(threads, vec):  # with_wt_nv's if-constexpr ladder
 
 
 @pytest.mark.parametrize("vec", [8, 4])  # fp16/bf16, fp32
-@pytest.mark.parametrize("threads", [1024, 512])  # forward, backward
+@pytest.mark.parametrize("threads", [_LN["kFwdThreads"], _LN["kBwdThreads"]])
 def test_layer_norm_config_covers_every_n(vec, threads):
     """For every N <= kLayerNormMaxN: the needed NV is instantiated, the block fits, the
     shared reduction array (32 warps x 8 rows) is big enough, and the thread/vector
