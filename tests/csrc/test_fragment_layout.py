@@ -15,7 +15,9 @@ The CUDA kernels cannot run here, so the parts where a wrong index gives wrong n
   layer_norm.cu: launch configuration and the two-stage dweight/dbias reduction).
 
 Each transcription must reproduce the plain-numpy result, so an index error in the kernel
-formulas (copied here) fails a test. Shared memory is filled with NaN before each tile
+formulas (copied here) fails a test. The constants they use (block sizes, thread counts,
+unroll, split and row limits, head dims) are read from csrc/ itself
+(tests/csrc/csrc_constants.py, csrc/fastlm_limits.h), so the model follows the kernels. Shared memory is filled with NaN before each tile
 load, so a read of the 8-element row padding or of a row that was never loaded shows up
 as NaN. Everything is float64: the tests check indices, not rounding.
 """
