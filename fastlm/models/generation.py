@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm.models._base import check_attention_mask, check_input_ids
+from fastlm.models._base import check_attention_mask, check_input_ids, check_values
 from fastlm.models.beam_search import beam_search
 from fastlm.models.decode_graph import decode_step
 from fastlm.models.generation_config import GenerationConfig
@@ -211,12 +211,12 @@ def generate(
     check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, WHERE)
     bsz, seq = input_ids.shape
     mask = check_attention_mask(attention_mask, (bsz, seq), WHERE)
-    if mask is not None and not bool(mask[:, -1].all()):
-        raise ValueError(
-            f"{WHERE}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding"
+    if mask is not None:  # ValueError on CPU, a device-side assert on CUDA (no sync)
+        check_values(
+            mask,
+            lambda: mask[:, -1],
+            f"{WHERE}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding",
         )
-    if mask is not None and not bool(mask.any(1).all()):
-        raise ValueError(f"{WHERE}: every prompt needs at least one token with attention_mask 1")
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - seq
     if max_new < 0:
         raise ValueError(
