@@ -112,6 +112,13 @@ def test_generate_stops_where_transformers_does_between_end_checks():
     assert len(calls) == generation.EOS_CHECK_EVERY - 1  # stopped at the first check
 
 
+def test_generate_refuses_right_padding():
+    _, ours = _gpt2()
+    ids, mask = padded_batch(97, [5, 2], 5)
+    with pytest.raises(ValueError, match="prompts must be left-padded"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("flag", [True, False])
 def test_use_cuda_graph_is_accepted_and_ignored_on_cpu(flag):
     hf, ours = _gpt2()
