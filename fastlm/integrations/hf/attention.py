@@ -4,7 +4,7 @@ transformers 5.x builds the attention mask through AttentionMaskInterface[impl] 
 attention through AttentionInterface[impl]. Both are registered under "fastlm":
 
 * :func:`fastlm_mask` hands the (B, Sk) bool padding mask through unchanged instead of a
-  4D float bias (None when there is no mask, or a CPU mask with nothing padded): fastlm.attention takes padding as
+  4D float bias (None when there is no mask, or an eager CPU mask with nothing padded): fastlm.attention takes padding as
   ``key_padding_mask`` and causality as a flag. Registering only the attention function
   would make transformers drop the mask for unknown implementations: padded inputs would
   silently attend to padding.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.models._base import drop_full_mask
 from fastlm.ops.attention import attention
 
 
@@ -69,11 +70,10 @@ def fastlm_mask(
             f"attn_implementation='fastlm': attention_mask covers {mask.shape[1]} keys, the attention has {kv_length}"
         )
     # An all-ones mask can be dropped (the kernels skip the mask loads, SDPA keeps its
-    # unmasked path), but finding out reads its values: free on CPU, a host sync per forward
-    # on a GPU. So only CPU masks are inspected; a GPU mask is always passed through.
-    if mask.device.type == "cpu" and bool(mask.all()):
-        return None
-    return mask
+    # unmasked path), but finding out reads its values: free on an eager CPU tensor, a host
+    # sync per forward on a GPU and a graph break under torch.compile. So only eager CPU
+    # masks are inspected; otherwise the mask is always passed through.
+    return drop_full_mask(mask)
 
 
 def fastlm_attention_forward(
