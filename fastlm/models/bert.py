@@ -27,8 +27,6 @@ falls back to gelu_ffn + dropout + LN(residual) — same math, one extra pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,45 +45,12 @@ from fastlm.models._weights import DerivedWeight
 from fastlm.models.config import BertConfig, gelu_approximate
 from fastlm.models.outputs import BaseModelOutput
 from fastlm.nn import GeluFFN, LayerNorm
-from fastlm.ops.attention import attention, attention_varlen
+from fastlm.nn.attention_layouts import Packed, Padded
 from fastlm.ops.padding import pad_input, unpad_input
 
 
 def _cat(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
-
-
-@dataclass(frozen=True)
-class Packed:
-    """The valid tokens packed into (T, ...) rows; ``cu_seqlens`` keeps the sequences apart."""
-
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-    def attend(self, q, k, v, dropout_p: float, backend) -> torch.Tensor:
-        """q, k, v (T, n, d) -> (T, n, d) by fastlm.attention_varlen."""
-        cu, m = self.cu_seqlens, self.max_seqlen
-        return attention_varlen(
-            q, k, v, cu, cu, m, m, causal=False, dropout_p=dropout_p, backend=backend
-        )
-
-
-@dataclass(frozen=True)
-class Padded:
-    """All B * S positions of the padded batch as rows; padding is masked as keys."""
-
-    batch: int
-    seq: int
-    key_padding_mask: torch.Tensor | None
-
-    def attend(self, q, k, v, dropout_p: float, backend) -> torch.Tensor:
-        """q, k, v (B * S, n, d) -> (B * S, n, d) by fastlm.attention with key_padding_mask."""
-        shape = (self.batch, self.seq, *q.shape[1:])
-        out = attention(
-            q.view(shape), k.view(shape), v.view(shape), causal=False,
-            key_padding_mask=self.key_padding_mask, dropout_p=dropout_p, backend=backend,
-        )  # fmt: skip
-        return out.view(q.shape)
 
 
 def skips_padding(mask: torch.Tensor | None) -> bool:
@@ -138,7 +103,9 @@ class BertSelfAttention(nn.Module):
         t = x.shape[0]
         qkv = F.linear(x, w, b).view(t, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = qkv.unbind(1)
-        out = layout.attend(q, k, v, self.dropout.p if self.training else 0.0, backend)
+        out = layout.attend(
+            q, k, v, dropout_p=self.dropout.p if self.training else 0.0, backend=backend
+        )
         return out.reshape(t, -1)
 
 

@@ -57,8 +57,7 @@ from fastlm.models.outputs import (
     TokenClassifierOutput,
 )
 from fastlm.nn import GeluFFN, LayerNorm
-from fastlm.ops.attention import attention
-from fastlm.ops.attention_kvcache import attention_with_kvcache
+from fastlm.nn.attention_layouts import Cached, Padded
 
 
 class Conv1D(nn.Module):
@@ -94,15 +93,8 @@ class GPT2Attention(nn.Module):
         q, k, v = qkv.unbind(2)
         p = self.attn_dropout.p if self.training else 0.0
         if cache is None or cache.is_empty:
-            out = attention(
-                q,
-                k,
-                v,
-                causal=True,
-                key_padding_mask=mask,
-                softmax_scale=self.scaling,
-                dropout_p=p,
-                backend=backend,
+            out = Padded(b, s, mask).attend(
+                q, k, v, causal=True, softmax_scale=self.scaling, dropout_p=p, backend=backend
             )
             if cache is not None:
                 cache.write_compact(self.layer_idx, k, v, order)
@@ -112,16 +104,8 @@ class GPT2Attention(nn.Module):
                     "GPT2Model: attention dropout with a non-empty KV cache is not supported; use eval() to decode"
                 )
             kc, vc = cache.layer(self.layer_idx)
-            out = attention_with_kvcache(
-                q,
-                kc,
-                vc,
-                cache.seqlens,
-                k=k,
-                v=v,
-                causal=True,
-                softmax_scale=self.scaling,
-                backend=backend,
+            out = Cached(kc, vc, cache.seqlens).attend(
+                q, k, v, causal=True, softmax_scale=self.scaling, backend=backend
             )
         return self.resid_dropout(self.c_proj(out.reshape(b, s, -1)))
 
