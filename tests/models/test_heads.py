@@ -202,14 +202,12 @@ def test_head_matches_transformers(name, backend):
 def test_heads_run_unpadded_through_varlen(monkeypatch):
     """Token heads read BertModel's packed run: padded positions are never computed, so the
     backbone output there is zero whatever the padding tokens are."""
-    import fastlm.models.bert as bert_module
+    import fastlm.nn.attention_layouts as layouts
 
     calls = []
-    real = bert_module.attention_varlen
+    real = layouts.attention_varlen
     monkeypatch.setattr(
-        bert_module,
-        "attention_varlen",
-        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k),
+        layouts, "attention_varlen", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k)
     )
     case = CASES["BertForTokenClassification"]
     _, ours = _models(case, "torch")
