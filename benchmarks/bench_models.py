@@ -93,11 +93,9 @@ def gpt2_decode(res, label, impls, cfg, batch, dtype, device="cuda", timer=None,
     ids = torch.randint(0, cfg.vocab_size, (batch, 128), device=device)
     timer = timer or functools.partial(bench, warmup_ms=1, rep_ms=1)
     for n, m in impls.items():
-        if n == "fastlm":
-            run = lambda m=m: m.generate(ids, max_new_tokens=new)
-        else:
-            run = lambda m=m: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                         pad_token_id=0)  # fmt: skip
+        # The same arguments for both: exactly ``new`` tokens (random weights may emit eos).
+        run = lambda m=m: m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                     pad_token_id=0)  # fmt: skip
         ms = bench_or_none(run, timer=timer)
         res.add(model=label, pass_="decode", impl=n, dtype=dtype, shape=dict(batch=batch, seq=128 + new),
                 ms=ms, tokens_per_s=batch * new / ms * 1e3 if ms else None)  # fmt: skip
