@@ -1,29 +1,34 @@
 """attn_implementation="fastlm": transformers' attention and mask hooks backed by fastlm.attention.
 
 transformers 5.x builds the attention mask through AttentionMaskInterface[impl] and runs
-attention through AttentionInterface[impl]. Both are registered under "fastlm". The mask
-hook, :func:`fastlm_mask`, hands the attention hook, :func:`fastlm_attention_forward`, one
-of four mask forms (registering only the attention hook would make transformers drop the
-mask for unknown implementations: padded inputs would silently attend to padding):
+attention through AttentionInterface[impl]. Both are registered under "fastlm" (registering
+only the attention hook would make transformers drop the mask for unknown implementations:
+padded inputs would silently attend to padding). The mask hook, :func:`fastlm_mask`, hands
+the attention hook, :func:`fastlm_attention_forward`, one of four mask forms: None, a 2-D
+bool padding mask, 2-D integer segment ids, or a 4-D mask.
 
-=====================================  ===========================================  ===========
-situation                              mask handed over                             runs
-=====================================  ===========================================  ===========
-plain causal / bidirectional,          None, or the (B, Sk) bool padding mask       fused
-optional padding, queries newest                                                    ``attention``
-static cache (q_offset > 0,            (B, L) bool, L = q_offset + Sq < Sk: keys    fused
-kv_length = cache size), offset        >= L are empty slots, sliced off; causal is  ``attention``
-known on the host                      bottom-right over the L keys
-packed, padding-free batch             (B, S) integer segment ids                   fused
-(restarting position_ids)                                                           ``attention_varlen``
-any other mask function (sliding       (B, 1, Sq, Sk) bool, materialised by        fallback:
-window, or/and overlays, a static      transformers' own ``sdpa_mask``              torch SDPA
-cache offset that is a GPU tensor)
-a 4-D bool or additive float mask      the mask, as given                           fallback:
-(custom, or prepared by the model)                                                  torch SDPA
-``output_attentions=True``             any of the above                             fallback:
-                                                                                    explicit softmax
-=====================================  ===========================================  ===========
+Fused (fastlm kernels):
+
+* plain causal or bidirectional attention, with or without padding: ``None`` or the
+  (B, Sk) bool padding mask -> ``fastlm.attention(causal=..., key_padding_mask=...)``;
+* a static cache (``cache_implementation="static"``: queries at ``q_offset > 0``,
+  ``kv_length`` = the cache size), when the offset can be read on the host (an int, or a
+  CPU tensor outside torch.compile): causal attention can see no key at or past
+  ``L = q_offset + Sq``, so the hook hands over the (B, L) bool padding mask and the
+  attention runs bottom-right causal over the first L cached keys (the empty slots are cut
+  off, not computed);
+* packed, padding-free batches (restarting ``position_ids``, ``DataCollatorWithFlattening``):
+  the (B, S) integer segment ids -> ``cu_seqlens`` -> ``fastlm.attention_varlen``, as
+  transformers' flash-attention path does (it reads the sequence count back to the host).
+
+Fallback (logged once per reason):
+
+* any other mask function (sliding windows, or/and overlays, block overlays, a static cache
+  whose offset is a GPU tensor or traced): materialised as a (B, 1, Sq, Sk) bool mask by
+  transformers' own ``sdpa_mask`` -> torch SDPA;
+* a 4-D bool or additive float mask (custom, or prepared by the model): torch SDPA with it;
+* ``output_attentions=True``: that call runs an explicit softmax over the dense form of
+  whichever mask it got and returns the probabilities (B, H, Sq, Sk), with gradients.
 
 Every fallback computes exactly what transformers' sdpa (or, for attention outputs, eager)
 path computes, and is logged once per reason; nothing that transformers runs raises.
@@ -57,10 +62,16 @@ def _log_fallback(reason: str) -> None:
 
 
 def _host_int(value) -> int | None:
-    """``value`` as a Python int when that costs no device sync (an int or a CPU tensor)."""
+    """``value`` as a Python int when that costs no device sync (an int, or a CPU tensor
+    outside torch.compile, where reading it would break the graph)."""
     if isinstance(value, int):
         return value
-    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.numel() == 1:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and value.numel() == 1
+        and not torch.compiler.is_compiling()
+    ):
         return int(value)
     return None
 
