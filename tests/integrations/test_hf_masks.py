@@ -259,3 +259,27 @@ def test_output_attentions_match_eager_with_gradients(tmp_path, arch):
         torch.testing.assert_close(g * valid, r * valid, atol=ATOL, rtol=RTOL)
         assert g.grad is not None
     _assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_output_attentions_in_generate_match_eager(tmp_path, cache):
+    """Decode steps: queries newest over a cache (static: empty slots included in Sk)."""
+    eager, fast = _twins(
+        tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config(), reference="eager"
+    )
+    ids = torch.randint(1, 97, (2, 6))
+    gen = dict(
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        cache_implementation=cache,
+        return_dict_in_generate=True,
+        output_attentions=True,
+    )
+    with torch.no_grad():
+        ref, got = eager.generate(ids, **gen), fast.generate(ids, **gen)
+    assert torch.equal(got.sequences, ref.sequences)
+    assert len(got.attentions) == len(ref.attentions) == 4
+    for step_got, step_ref in zip(got.attentions, ref.attentions):
+        for g, r in zip(step_got, step_ref, strict=True):
+            torch.testing.assert_close(g, r, atol=ATOL, rtol=RTOL)
