@@ -101,6 +101,18 @@ def test_static_cache_offset_on_device_is_materialised(tmp_path, calls, monkeypa
     assert calls["sdpa"] > 0
 
 
+def test_static_cache_generate_compiled_fullgraph(tmp_path):
+    """Compiled generation (transformers' test_generate_compile_model_forward_fullgraph): the
+    hook must trace without graph breaks; the traced cache offset is materialised."""
+    ref_model, fast = _twins(tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config())
+    ids = torch.randint(1, 97, (2, 7))
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    torch._dynamo.reset()
+    fast.forward = torch.compile(fast.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(fast.generate(ids, **gen), ref_model.generate(ids, **gen))
+
+
 # --- 2. packed, padding-free batches --------------------------------------------------------
 
 

@@ -56,7 +56,8 @@ _logged: set[str] = set()
 
 
 def _log_fallback(reason: str) -> None:
-    if reason not in _logged:
+    """Logs each fallback reason once (not while torch.compile traces: it would break the graph)."""
+    if reason not in _logged and not torch.compiler.is_compiling():
         _logged.add(reason)
         logger.info("attn_implementation='fastlm': %s", reason)
 
@@ -135,8 +136,11 @@ def fastlm_mask(
     packed = packed_segment_ids(mask_function)
     if packed is not None and attention_mask is None and q_length == kv_length:
         return packed[0]
-    name = getattr(mask_function, "__name__", type(mask_function).__name__)
-    _log_fallback(f"mask function {name!r} (q_offset {q_offset!r}) is materialised, torch SDPA")
+    if not torch.compiler.is_compiling():
+        name = getattr(mask_function, "__name__", type(mask_function).__name__)
+        _log_fallback(
+            f"mask function {name!r} (or a traced cache offset) is materialised, torch SDPA"
+        )
     return sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,

@@ -12,7 +12,7 @@ and hands it to the registered mask hook. Two of its shapes have a fused fastlm 
   segments.
 
 The packed form is recognised structurally (the closures' names and captured variables),
-never by evaluating the mask. Anything that does not match exactly returns None and is
+never by evaluating the mask, and not under torch.compile (which cannot trace that). Anything that does not match exactly returns None and is
 materialised instead, so a change in transformers can cost speed but never correctness.
 """
 
@@ -58,6 +58,8 @@ def packed_segment_ids(mask_function: Callable) -> tuple[torch.Tensor, str] | No
     consecutive, so ``kind`` over positions equals ``kind`` over token indices there: the
     whole mask is ``kind`` attention within each segment, i.e. varlen attention.
     """
+    if plain_mask_kind(mask_function) is not None or torch.compiler.is_compiling():
+        return None  # a plain mask; or traced, where closures cannot be inspected
     outer = _captured(mask_function, "and_masks")
     if outer is None or len(outer.get("mask_functions", ())) != 2:
         return None
