@@ -103,7 +103,7 @@ def test_static_cache_offset_on_device_is_materialised(tmp_path, calls, monkeypa
 
 def test_static_cache_generate_compiled_fullgraph(tmp_path):
     """Compiled generation (transformers' test_generate_compile_model_forward_fullgraph): the
-    hook must trace without graph breaks; the traced cache offset is materialised."""
+    hook must trace without graph breaks."""
     ref_model, fast = _twins(tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config())
     ids = torch.randint(1, 97, (2, 7))
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -151,6 +151,20 @@ def test_packed_matches_padded(tmp_path, calls, lengths_per_row):
 
     torch.testing.assert_close(flat, expected, atol=ATOL, rtol=RTOL)
     _assert_grads_close(_param_grads(fast), ref_grads)
+
+
+def test_packed_compiled_fullgraph(tmp_path):
+    """Under torch.compile(fullgraph) the packed mask is materialised (closures are not
+    inspected while tracing): still the sdpa result, without a graph break."""
+    ref_model, fast = _twins(tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config())
+    ids = torch.randint(1, 97, (1, 12))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    torch._dynamo.reset()
+    compiled = torch.compile(fast.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        ref = ref_model(ids, position_ids=position_ids, use_cache=False).logits
+        got = compiled(ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_cu_seqlens_from_segment_ids_restarts_each_row():

@@ -12,8 +12,8 @@ Fused (fastlm kernels):
 * plain causal or bidirectional attention, with or without padding: ``None`` or the
   (B, Sk) bool padding mask -> ``fastlm.attention(causal=..., key_padding_mask=...)``;
 * a static cache (``cache_implementation="static"``: queries at ``q_offset > 0``,
-  ``kv_length`` = the cache size), when the offset can be read on the host (an int, or a
-  CPU tensor outside torch.compile): causal attention can see no key at or past
+  ``kv_length`` = the cache size), when the offset can be read without a device sync (an
+  int or a CPU tensor): causal attention can see no key at or past
   ``L = q_offset + Sq``, so the hook hands over the (B, L) bool padding mask and the
   attention runs bottom-right causal over the first L cached keys (the empty slots are cut
   off, not computed);
@@ -24,7 +24,7 @@ Fused (fastlm kernels):
 Fallback (logged once per reason):
 
 * any other mask function (sliding windows, or/and overlays, block overlays, a static cache
-  whose offset is a GPU tensor or traced): materialised as a (B, 1, Sq, Sk) bool mask by
+  whose offset is a GPU tensor): materialised as a (B, 1, Sq, Sk) bool mask by
   transformers' own ``sdpa_mask`` -> torch SDPA;
 * a 4-D bool or additive float mask (custom, or prepared by the model): torch SDPA with it;
 * ``output_attentions=True``: that call runs an explicit softmax over the dense form of
@@ -63,16 +63,11 @@ def _log_fallback(reason: str) -> None:
 
 
 def _host_int(value) -> int | None:
-    """``value`` as a Python int when that costs no device sync (an int, or a CPU tensor
-    outside torch.compile, where reading it would break the graph)."""
+    """``value`` as a Python int when that costs no device sync (an int or a CPU tensor;
+    torch.compile traces the read of a CPU scalar without a graph break)."""
     if isinstance(value, int):
         return value
-    if (
-        isinstance(value, torch.Tensor)
-        and value.device.type == "cpu"
-        and value.numel() == 1
-        and not torch.compiler.is_compiling()
-    ):
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.numel() == 1:
         return int(value)
     return None
 
@@ -136,11 +131,10 @@ def fastlm_mask(
     packed = packed_segment_ids(mask_function)
     if packed is not None and attention_mask is None and q_length == kv_length:
         return packed[0]
-    if not torch.compiler.is_compiling():
-        name = getattr(mask_function, "__name__", type(mask_function).__name__)
-        _log_fallback(
-            f"mask function {name!r} (or a traced cache offset) is materialised, torch SDPA"
-        )
+    name = getattr(mask_function, "__name__", type(mask_function).__name__)
+    _log_fallback(
+        f"mask function {name!r} (or a cache offset on a device) is materialised, torch SDPA"
+    )
     return sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,

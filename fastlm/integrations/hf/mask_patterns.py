@@ -12,8 +12,9 @@ and hands it to the registered mask hook. Two of its shapes have a fused fastlm 
   segments.
 
 The packed form is recognised structurally (the closures' names and captured variables),
-never by evaluating the mask, and not under torch.compile (which cannot trace that). Anything that does not match exactly returns None and is
-materialised instead, so a change in transformers can cost speed but never correctness.
+never by evaluating the mask, and not under torch.compile (which cannot trace that).
+Anything that does not match exactly returns None and is materialised instead, so a change
+in transformers can cost speed but never correctness.
 """
 
 from __future__ import annotations
