@@ -9,7 +9,7 @@ Grids:
   varlen (packed) paths vs SDPA with a boolean mask where the backend accepts one.
 
 TFLOP/s use 4 * B * S^2 * H * D for the forward (halved for causal), 2.5x that for the
-backward (DESIGN.md); the padding grid counts the useful FLOPs (sum of len^2).
+backward (the FlashAttention convention); the padding grid counts the useful FLOPs (sum of len^2).
 Baselines: SDPA flash, efficient, cudnn, math; torch.compile of the plain math; each
 baseline that cannot run a shape (unsupported, OOM) is recorded as None.
 

@@ -1,7 +1,7 @@
 """LayerNorm: fastlm (triton, cuda) vs torch.nn.functional.layer_norm eager and torch.compile.
 
 M = 4096 rows, N = 1024..16384, fp16/bf16/fp32, forward and backward. Bandwidth counts the
-minimum bytes (DESIGN.md): forward reads x and writes y (2x tensor bytes), backward reads x
+minimum bytes: forward reads x and writes y (2x tensor bytes), backward reads x
 and dy and writes dx (3x). Weight/bias traffic is negligible and not counted.
 
 ``headline(res, device, timer, dry)``: the GPU check's rows (N 4096 and 8192, GB/s vs torch).

@@ -10,7 +10,7 @@ from fastlm.parity import assert_parity, judge, max_err, rounding_step
 __all__ = ["KERNEL_DTYPES", "ON_GPU", "assert_parity", "judge", "max_err", "rounding_step"]
 
 ON_GPU = torch.cuda.is_available()
-# The Triton interpreter computes bf16 wrongly (DESIGN.md): bf16 kernels are tested on a GPU.
+# The Triton interpreter computes bf16 wrongly (ARCHITECTURE.md, Tests): bf16 kernels are tested on a GPU.
 KERNEL_DTYPES = [
     torch.float32,
     torch.float16,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -221,10 +222,51 @@ def forward_flags(extra: dict, where: str) -> tuple[bool, bool]:
     return bool(extra.get("output_hidden_states")), extra.get("return_dict") is not False
 
 
+def reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs nothing: an eager CPU tensor.
+
+    Elsewhere a read is a device sync (CUDA) or a graph break (torch.compile), so the model
+    paths take their sync-free branch instead.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_values(
+    t: torch.Tensor,
+    ok: Callable[[], torch.Tensor],
+    message: str,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise ``error(message)`` unless ``ok()`` (a bool tensor) holds everywhere, without a sync.
+
+    Eager CPU tensors: checked now (the read is free). CUDA tensors and torch.compile: the
+    check runs on the device (``torch._assert_async``), so a bad value fails with a
+    device-side assert (a RuntimeError) at the next synchronizing call instead.
+    """
+    if reads_are_free(t):
+        if not bool(ok().all()):
+            raise error(message)
+    else:
+        torch._assert_async(ok().all(), message)
+
+
+def drop_full_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a bool mask with nothing padded when finding that out is free (eager CPU),
+    so the attention takes its unmasked path; otherwise the mask as given (no host read)."""
+    if mask is not None and reads_are_free(mask) and bool(mask.all()):
+        return None
+    return mask
+
+
 def check_input_ids(
     input_ids: Any, vocab_size: int, max_positions: int, where: str, past: int = 0
 ) -> None:
-    """Token ids must be an integer (B, S) tensor inside the vocabulary and position table."""
+    """Token ids must be an integer (B, S) tensor inside the vocabulary and position table.
+
+    Type, dtype and shape are checked on the host (free); the values in [0, vocab_size)
+    with :func:`check_values`: a ValueError on eager CPU tensors, a device-side assert on
+    CUDA and under torch.compile (no host sync, no graph break).
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(
             f"{where}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}"
@@ -240,16 +282,16 @@ def check_input_ids(
             f"{where}: sequence length {past + input_ids.shape[1]} exceeds the model's "
             f"max_position_embeddings {max_positions}"
         )
-    if input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(
-                f"{where}: token ids must lie in [0, {vocab_size}) (vocab_size), got values in [{lo}, {hi}]"
-            )
+    check_values(
+        input_ids,
+        lambda: (input_ids >= 0) & (input_ids < vocab_size),
+        f"{where}: token ids must lie in [0, {vocab_size}) (vocab_size)",
+    )
 
 
 def check_attention_mask(mask: Any, shape: tuple[int, ...], where: str) -> torch.Tensor | None:
-    """HF-style (B, S) mask of 0/1 (any int/bool/float dtype) -> bool, or None."""
+    """HF-style (B, S) mask of 0/1 (any int/bool/float dtype) -> bool, or None.
+    The 0/1 values are checked with :func:`check_values` (no host sync off CPU)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -261,8 +303,11 @@ def check_attention_mask(mask: Any, shape: tuple[int, ...], where: str) -> torch
             f"{where}: attention_mask must have shape {tuple(shape)}, got {tuple(mask.shape)}"
         )
     if mask.dtype != torch.bool:
-        if ((mask != 0) & (mask != 1)).any():
-            raise ValueError(f"{where}: attention_mask must hold only 0 and 1 (1 = attend)")
+        check_values(
+            mask,
+            lambda: (mask == 0) | (mask == 1),
+            f"{where}: attention_mask must hold only 0 and 1 (1 = attend)",
+        )
         mask = mask != 0
     return mask
 
@@ -270,6 +315,7 @@ def check_attention_mask(mask: Any, shape: tuple[int, ...], where: str) -> torch
 def check_position_ids(
     position_ids: Any, bsz: int, seq: int, max_positions: int, where: str
 ) -> None:
+    """(1 or B, S) integer position ids in [0, max_positions), checked as the input ids."""
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
         raise TypeError(
             f"{where}: position_ids must be an integer torch.Tensor, got {position_ids!r:.60}"
@@ -282,8 +328,8 @@ def check_position_ids(
         raise ValueError(
             f"{where}: position_ids must be (1 or {bsz}, {seq}), got {tuple(position_ids.shape)}"
         )
-    lo, hi = int(position_ids.min()), int(position_ids.max())
-    if lo < 0 or hi >= max_positions:
-        raise ValueError(
-            f"{where}: position ids must lie in [0, {max_positions}) (max_position_embeddings), got [{lo}, {hi}]"
-        )
+    check_values(
+        position_ids,
+        lambda: (position_ids >= 0) & (position_ids < max_positions),
+        f"{where}: position ids must lie in [0, {max_positions}) (max_position_embeddings)",
+    )

@@ -37,6 +37,10 @@ class DerivedWeight:
         self._value: torch.Tensor | None = None
 
     def __call__(self, *sources: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced into the graph: the cache's identity/version key is host state dynamo
+            # would guard on (a recompile per weight update) and the graph recomputes it anyway.
+            return self.fn(*sources)
         if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
             self._key = self._value = None  # do not pin memory of a stale inference copy
             return self.fn(*sources)

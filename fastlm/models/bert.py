@@ -11,9 +11,12 @@ Fast path of BertModel.forward, hidden size H, n heads of size d:
         packed= LN(x + W2 gelu(W1 x + b1) + b2)                    gelu_ffn with residual, then LN
     last_hidden_state = pad_input(packed)                          (B, S, H)
 
-Padded positions (attention_mask == 0) of ``last_hidden_state`` hold zeros: they are never
-computed. transformers computes them anyway (queries at padding attend to the valid keys);
-on valid positions the two agree. The pooler reads position 0 as HF does, so for
+Padded positions (attention_mask == 0) of ``last_hidden_state`` hold zeros. Eager CPU
+batches skip them (the packing above); on CUDA and under torch.compile the forward reads
+nothing on the host, so it runs the padded batch with a key_padding_mask instead
+(:func:`skips_padding` says why), with no host sync and no graph break. transformers
+computes padded positions anyway (queries at padding attend to the valid keys); on valid
+positions the two agree. The pooler reads position 0 as HF does, so for
 left-padded inputs the pooled output differs from HF's (HF pools a padding token).
 
 Dropout: attention-probability dropout runs inside the attention op (dropout_p), hidden
@@ -33,18 +36,34 @@ from fastlm.models._base import (
     check_attention_mask,
     check_input_ids,
     check_position_ids,
+    check_values,
+    drop_full_mask,
     forward_flags,
+    reads_are_free,
 )
 from fastlm.models._weights import DerivedWeight
 from fastlm.models.config import BertConfig, gelu_approximate
 from fastlm.models.outputs import BaseModelOutput
 from fastlm.nn import GeluFFN, LayerNorm
-from fastlm.ops.attention import attention_varlen
+from fastlm.nn.attention_layouts import Packed, Padded
 from fastlm.ops.padding import pad_input, unpad_input
 
 
 def _cat(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
+
+
+def skips_padding(mask: torch.Tensor | None) -> bool:
+    """Whether the forward packs the valid tokens (:class:`Packed`) rather than running the
+    padded batch (:class:`Padded`).
+
+    Packing needs the number of tokens on the host (``nonzero``, the longest sequence): free
+    for an eager CPU tensor, a device sync per forward on CUDA and a data-dependent shape
+    (graph break) under torch.compile. So only eager CPU batches with padding are packed;
+    CUDA and compiled forwards attend over the padded batch with ``key_padding_mask`` and
+    read nothing on the host. Valid positions agree either way.
+    """
+    return mask is not None and reads_are_free(mask)
 
 
 class BertEmbeddings(nn.Module):
@@ -78,18 +97,15 @@ class BertSelfAttention(nn.Module):
         self._qkv_weight = DerivedWeight(_cat)
         self._qkv_bias = DerivedWeight(_cat)
 
-    def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Packed | Padded, backend) -> torch.Tensor:
         w = self._qkv_weight(self.query.weight, self.key.weight, self.value.weight)
         b = self._qkv_bias(self.query.bias, self.key.bias, self.value.bias)
         t = x.shape[0]
         qkv = F.linear(x, w, b).view(t, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = qkv.unbind(1)
-        out = attention_varlen(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            causal=False, dropout_p=self.dropout.p if self.training else 0.0, backend=backend,
-        )  # fmt: skip
+        out = layout.attend(
+            q, k, v, dropout_p=self.dropout.p if self.training else 0.0, backend=backend
+        )
         return out.reshape(t, -1)
 
 
@@ -111,8 +127,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, cu_seqlens, max_seqlen, backend):
-        return self.output(self.self(x, cu_seqlens, max_seqlen, backend), x)
+    def forward(self, x, layout, backend):
+        return self.output(self.self(x, layout, backend), x)
 
 
 class BertIntermediate(nn.Module):
@@ -143,10 +159,8 @@ class BertLayer(nn.Module):
             gelu_approximate(config.hidden_act, "BertModel"),
         )
 
-    def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, backend
-    ) -> torch.Tensor:
-        x = self.attention(x, cu_seqlens, max_seqlen, backend)
+    def forward(self, x: torch.Tensor, layout: Packed | Padded, backend) -> torch.Tensor:
+        x = self.attention(x, layout, backend)
         self.ffn.backend = backend
         out = self.output
         if out.dropout.p > 0 and self.training:
@@ -161,11 +175,11 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x, cu_seqlens, max_seqlen, backend, keep_hidden: bool):
-        """The last packed hidden states and, when ``keep_hidden``, every layer's (input first)."""
+    def forward(self, x, layout, backend, keep_hidden: bool):
+        """The last (tokens, H) hidden states and, when ``keep_hidden``, every layer's (input first)."""
         states = [x] if keep_hidden else None
         for layer in self.layer:
-            x = layer(x, cu_seqlens, max_seqlen, backend)
+            x = layer(x, layout, backend)
             if keep_hidden:
                 states.append(x)
         return x, states
@@ -230,7 +244,7 @@ class BertModel(FastLMPreTrained):
         cfg = self.config
         check_input_ids(input_ids, cfg.vocab_size, cfg.max_position_embeddings, where)
         bsz, seq = input_ids.shape
-        mask = check_attention_mask(attention_mask, (bsz, seq), where)
+        mask = drop_full_mask(check_attention_mask(attention_mask, (bsz, seq), where))
         dev = input_ids.device
         if position_ids is None:
             position_ids = torch.arange(seq, device=dev)[None]
@@ -238,34 +252,39 @@ class BertModel(FastLMPreTrained):
             check_position_ids(position_ids, bsz, seq, cfg.max_position_embeddings, where)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        elif (
-            token_type_ids.shape != input_ids.shape
-            or int(token_type_ids.max()) >= cfg.type_vocab_size
-            or int(token_type_ids.min()) < 0
-        ):
-            raise ValueError(
-                f"{where}: token_type_ids must be {tuple(input_ids.shape)} with values in [0, {cfg.type_vocab_size}), "
-                f"got shape {tuple(token_type_ids.shape)}"
+        else:
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"{where}: token_type_ids must have shape {tuple(input_ids.shape)}, "
+                    f"got {tuple(token_type_ids.shape)}"
+                )
+            check_values(
+                token_type_ids,
+                lambda: (token_type_ids >= 0) & (token_type_ids < cfg.type_vocab_size),
+                f"{where}: token_type_ids must lie in [0, {cfg.type_vocab_size}) (type_vocab_size)",
             )
         emb = self.embeddings(input_ids, token_type_ids, position_ids)
 
-        if mask is None or bool(mask.all()):
-            # No padding: every sequence is full, pack by reshaping (no copy).
-            packed, indices = emb.reshape(bsz * seq, -1), None
-            cu = torch.arange(0, (bsz + 1) * seq, seq, device=dev, dtype=torch.int32)
-            max_len = seq
-        else:
+        if skips_padding(mask):
             packed, indices, cu, max_len = unpad_input(emb, mask)
-            max_len = int(max_len)
+            layout = Packed(cu, max_len)
 
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return x.view(bsz, seq, -1) if indices is None else pad_input(x, indices, bsz, seq)
+            def pad(x: torch.Tensor) -> torch.Tensor:
+                return pad_input(x, indices, bsz, seq)
 
-        if max_len == 0:
+        else:
+            packed, layout = emb.reshape(bsz * seq, -1), Padded(bsz, seq, mask)
+
+            def pad(x: torch.Tensor) -> torch.Tensor:
+                x = x.view(bsz, seq, -1)
+                # Padded positions hold zeros, as in the packed layout.
+                return x if mask is None else x.masked_fill(~mask[..., None], 0.0)
+
+        if isinstance(layout, Packed) and layout.max_seqlen == 0:
             # Every row is padding: nothing to compute; padded positions hold zeros.
             states = [packed] * (len(self.encoder.layer) + 1)
         else:
-            packed, states = self.encoder(packed, cu, max_len, backend, output_hidden_states)
+            packed, states = self.encoder(packed, layout, backend, output_hidden_states)
         hidden = pad(packed)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutput(

@@ -17,6 +17,11 @@ Each step turns the last logits into the next token the way transformers does, i
 
 Finished rows (eos emitted) continue with ``pad_token_id`` (default: eos); generation stops
 when every row has finished, a stopping criterion says so, or at max_new_tokens/max_length.
+Finding out that every row finished reads the device, so it is asked every
+``EOS_CHECK_EVERY`` (8) steps, not every step; the up to 7 extra steps only append padding
+to finished rows and are cut from the output, which is transformers' token for token. The
+decode step itself (:meth:`GPT2LMHeadModel.decode_step`) reads nothing on the host; on
+CUDA it is replayed from a CUDA graph (``use_cuda_graph=False`` turns that off).
 Greedy decoding returns transformers' tokens, the eos included (tests/models check it).
 ``num_beams > 1`` runs :func:`fastlm.models.beam_search.beam_search` on the same processors.
 """
@@ -28,13 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm.models._base import check_attention_mask, check_input_ids
+from fastlm.models._base import check_attention_mask, check_input_ids, check_values
 from fastlm.models.beam_search import beam_search
+from fastlm.models.decode_graph import decode_step
 from fastlm.models.generation_config import GenerationConfig
 from fastlm.models.outputs import _Output
 
 WHERE = "GPT2LMHeadModel.generate"
 NEG_INF = float("-inf")
+# Decode steps between host reads of "has every row finished?" (see the module docstring).
+EOS_CHECK_EVERY = 8
 
 
 @dataclass
@@ -171,6 +179,7 @@ def generate(
     streamer=None,
     stopping_criteria: Iterable[Callable] | None = None,
     generator: torch.Generator | None = None,
+    use_cuda_graph: bool = True,
     **kwargs,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """(B, S) prompt ids (left-padded) -> (B * num_return_sequences, S + n) with
@@ -181,7 +190,13 @@ def generate(
     override single fields of it (``max_new_tokens=``, ``do_sample=``, ``top_p=`` ...) and
     an unknown one raises TypeError naming it. ``generator`` makes sampling reproducible;
     ``streamer`` receives ``put(prompt)``, ``put(tokens)`` per step and ``end()``.
+    ``use_cuda_graph``: on CUDA, replay each decode step from a CUDA graph
+    (:mod:`fastlm.models.decode_graph`); ignored on CPU.
     """
+    if not isinstance(use_cuda_graph, bool):
+        raise TypeError(
+            f"{WHERE}: use_cuda_graph must be a bool, got {type(use_cuda_graph).__name__}"
+        )
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         if not hasattr(generation_config, "to_diff_dict"):
             raise TypeError(
@@ -196,12 +211,12 @@ def generate(
     check_input_ids(input_ids, cfg.vocab_size, cfg.n_positions, WHERE)
     bsz, seq = input_ids.shape
     mask = check_attention_mask(attention_mask, (bsz, seq), WHERE)
-    if mask is not None and not bool(mask[:, -1].all()):
-        raise ValueError(
-            f"{WHERE}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding"
+    if mask is not None:  # ValueError on CPU, a device-side assert on CUDA (no sync)
+        check_values(
+            mask,
+            lambda: mask[:, -1],
+            f"{WHERE}: prompts must be left-padded (attention_mask[:, -1] all 1); got right padding",
         )
-    if mask is not None and not bool(mask.any(1).all()):
-        raise ValueError(f"{WHERE}: every prompt needs at least one token with attention_mask 1")
     max_new = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - seq
     if max_new < 0:
         raise ValueError(
@@ -247,32 +262,49 @@ def generate(
                           lambda s, t, v, step: _process(gc, s, t, v, step, min_new, eos_ids),
                           max_new, fill)  # fmt: skip
         return _result(gc, out, scores_out, streamer)
-    tokens = input_ids
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+    # Preallocated outputs: a step writes its column instead of growing tensors.
+    width = seq + max_new
+    tokens = torch.full((bsz, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    tokens[:, :seq] = input_ids
+    valid = torch.ones(bsz, width, dtype=torch.bool, device=input_ids.device)
+    if mask is not None:
+        valid[:, :seq] = mask
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
+    # Steps each row ran until it finished (max_new while it runs): the output's width.
+    ran = torch.full((bsz,), max_new, dtype=torch.long, device=input_ids.device)
+    step_model = decode_step(model, cache, use_cuda_graph)
+    # Whether every row finished is a host read; it runs every EOS_CHECK_EVERY steps (every
+    # step with a streamer, which must not see tokens past the end).
+    check_every = 1 if streamer is not None else EOS_CHECK_EVERY
+    stops = bool(eos) or bool(stopping_criteria)
     for step in range(max_new):
-        scores = _process(gc, logits.float(), tokens, valid, step, min_new, eos_ids)
+        length = seq + step
+        scores = _process(gc, logits.float(), tokens[:, :length], valid[:, :length], step,
+                          min_new, eos_ids)  # fmt: skip
         if gc.do_sample:
             scores = top_k_top_p(scores, gc.temperature, gc.top_k, gc.top_p)
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             nxt = scores.argmax(-1)
         if gc.output_scores:
-            scores_out.append(scores)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones_like(done)[:, None]], dim=1)
+            scores_out.append(scores.clone())  # logits may be a graph's reused buffer
+        nxt = nxt.masked_fill(done, pad)
+        tokens[:, length] = nxt
         if streamer is not None:
             streamer.put(nxt.cpu())
         if eos:
             done = done | torch.isin(nxt, eos_ids)
         if stopping_criteria:
-            done = done | _stop_requested(stopping_criteria, tokens, scores)
-        if step + 1 == max_new or ((eos or stopping_criteria) and bool(done.all())):
-            break
-        pos = cache.seqlens.long()[:, None]
-        logits = model(nxt[:, None], past_key_values=cache, position_ids=pos).logits[:, -1]
-    return _result(gc, tokens, scores_out, streamer)
+            done = done | _stop_requested(stopping_criteria, tokens[:, : length + 1], scores)
+        if stops:
+            ran = torch.where(done, ran.clamp(max=step + 1), ran)
+            if (step + 1) % check_every == 0 and bool(done.all()):
+                break
+        if step + 1 < max_new:
+            logits = step_model(nxt)
+    # Steps past the last row's end only appended padding: cut them (one host read).
+    n = int(ran.max()) if stops else max_new
+    return _result(gc, tokens[:, : seq + n], scores_out[:n], streamer)
 
 
 def _result(gc: GenerationConfig, tokens, scores, streamer):

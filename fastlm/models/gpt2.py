@@ -37,6 +37,8 @@ from fastlm.models._base import (
     check_attention_mask,
     check_input_ids,
     check_position_ids,
+    check_values,
+    drop_full_mask,
     forward_flags,
 )
 from fastlm.models.config import GPT2Config, gelu_approximate
@@ -55,8 +57,7 @@ from fastlm.models.outputs import (
     TokenClassifierOutput,
 )
 from fastlm.nn import GeluFFN, LayerNorm
-from fastlm.ops.attention import attention
-from fastlm.ops.attention_kvcache import attention_with_kvcache
+from fastlm.nn.attention_layouts import Cached, Padded
 
 
 class Conv1D(nn.Module):
@@ -92,15 +93,8 @@ class GPT2Attention(nn.Module):
         q, k, v = qkv.unbind(2)
         p = self.attn_dropout.p if self.training else 0.0
         if cache is None or cache.is_empty:
-            out = attention(
-                q,
-                k,
-                v,
-                causal=True,
-                key_padding_mask=mask,
-                softmax_scale=self.scaling,
-                dropout_p=p,
-                backend=backend,
+            out = Padded(b, s, mask).attend(
+                q, k, v, causal=True, softmax_scale=self.scaling, dropout_p=p, backend=backend
             )
             if cache is not None:
                 cache.write_compact(self.layer_idx, k, v, order)
@@ -110,16 +104,8 @@ class GPT2Attention(nn.Module):
                     "GPT2Model: attention dropout with a non-empty KV cache is not supported; use eval() to decode"
                 )
             kc, vc = cache.layer(self.layer_idx)
-            out = attention_with_kvcache(
-                q,
-                kc,
-                vc,
-                cache.seqlens,
-                k=k,
-                v=v,
-                causal=True,
-                softmax_scale=self.scaling,
-                backend=backend,
+            out = Cached(kc, vc, cache.seqlens).attend(
+                q, k, v, causal=True, softmax_scale=self.scaling, backend=backend
             )
         return self.resid_dropout(self.c_proj(out.reshape(b, s, -1)))
 
@@ -173,6 +159,46 @@ class GPT2Model(FastLMPreTrained):
         return StaticKVCache(
             c.n_layer, batch_size, max_len, c.n_head, c.head_dim, dtype=w.dtype, device=w.device
         )
+
+    @staticmethod
+    def next_positions(cache: StaticKVCache, seq: int) -> torch.Tensor:
+        """(B, seq) positions of tokens appended to a non-empty cache: ``seqlens[b] + arange``
+        (the cache stores each sequence unpadded, so its length is its next position)."""
+        return cache.seqlens.long()[:, None] + torch.arange(seq, device=cache.seqlens.device)
+
+    def stack(
+        self,
+        input_ids,
+        position_ids,
+        token_type_ids,
+        mask,
+        cache,
+        order,
+        backend,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Embeddings and blocks on checked inputs: (the final hidden states (B, S, E), the
+        hidden states transformers returns or None). Writes the keys/values into ``cache``
+        but leaves its lengths to the caller. No validation and no host read."""
+        r = self.wte(input_ids) + self.wpe(position_ids)
+        if token_type_ids is not None:
+            r = r + self.wte(token_type_ids)
+        r = self.drop(r)
+        # transformers' hidden_states: the embeddings, the residual stream after each block
+        # but the last, and ln_f of the last (L + 1 tensors).
+        states = [r] if output_hidden_states else None
+        x = self.h[0].ln_1(r) if len(self.h) else self.ln_f(r)
+        for i, block in enumerate(self.h):
+            a = block.attn(x, mask, cache, order, backend)
+            x, r = block.ln_2(a, residual=r)
+            m = block.mlp(x, backend)
+            nxt = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            x, r = nxt(m, residual=r)
+            if output_hidden_states and i + 1 < len(self.h):
+                states.append(r)
+        if output_hidden_states:
+            states.append(x)
+        return x, states
 
     def forward(
         self,
@@ -238,24 +264,22 @@ class GPT2Model(FastLMPreTrained):
                 and attention_mask.shape[1] >= seq
             ):
                 attention_mask = attention_mask[:, -seq:]
-            if not bool(check_attention_mask(attention_mask, (bsz, seq), where).all()):
-                raise NotImplementedError(
-                    f"{where}: padding inside tokens appended to a non-empty KV cache is not supported"
-                )
+            appended = check_attention_mask(attention_mask, (bsz, seq), where)
+            check_values(
+                appended,
+                lambda: appended,
+                f"{where}: padding inside tokens appended to a non-empty KV cache is not supported",
+                NotImplementedError,
+            )
         else:
-            mask = check_attention_mask(attention_mask, (bsz, seq), where)
-            if mask is not None and bool(mask.all()):
-                mask = None
+            mask = drop_full_mask(check_attention_mask(attention_mask, (bsz, seq), where))
 
-        dev = input_ids.device
         if position_ids is None:
             if cache is not None and not cache.is_empty:
-                position_ids = cache.seqlens.long()[:, None] + torch.arange(seq, device=dev)
+                position_ids = self.next_positions(cache, seq)
             else:
-                position_ids = torch.arange(seq, device=dev)[None]
+                position_ids = torch.arange(seq, device=input_ids.device)[None]
         check_position_ids(position_ids, bsz, seq, cfg.n_positions, where)
-
-        r = self.wte(input_ids) + self.wpe(position_ids)
         if token_type_ids is not None:
             check_input_ids(
                 token_type_ids,
@@ -264,35 +288,17 @@ class GPT2Model(FastLMPreTrained):
                 where + " (token_type_ids)",
                 past=past,
             )
-            r = r + self.wte(token_type_ids)
-        r = self.drop(r)
 
         order = None
         if cache is not None and cache.is_empty and mask is not None:
             # Valid tokens first, in order: the compact layout of the cache.
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-
-        # transformers' hidden_states: the embeddings, the residual stream after each block
-        # but the last, and ln_f of the last (L + 1 tensors).
-        states = [r] if output_hidden_states else None
-        x = self.h[0].ln_1(r) if len(self.h) else self.ln_f(r)
-        for i, block in enumerate(self.h):
-            a = block.attn(x, mask, cache, order, backend)
-            x, r = block.ln_2(a, residual=r)
-            m = block.mlp(x, backend)
-            nxt = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, r = nxt(m, residual=r)
-            if output_hidden_states and i + 1 < len(self.h):
-                states.append(r)
-        if output_hidden_states:
-            states.append(x)
-
+        x, states = self.stack(
+            input_ids, position_ids, token_type_ids, mask, cache, order, backend,
+            output_hidden_states,
+        )  # fmt: skip
         if cache is not None:
-            if mask is not None:
-                counts = mask.sum(1)
-                cache.advance(counts, seq)
-            else:
-                cache.advance(seq, seq)
+            cache.advance(seq if mask is None else mask.sum(1), seq)
         return BaseModelOutput(
             last_hidden_state=x,
             past_key_values=cache,
@@ -335,6 +341,21 @@ class GPT2LMHeadModel(_GPT2Task):
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels, "GPT2LMHeadModel.forward")
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Append one token per sequence: ids (B, 1) -> next-token logits (B, V).
+
+        The step :func:`fastlm.models.generation.generate` repeats (and captures in a CUDA
+        graph on CUDA): positions ``cache.seqlens``, attention_with_kvcache on the static
+        cache, the LM head, ``cache.advance``. It trusts its inputs (generate checked the
+        prompt and draws every later id from the vocabulary) so it reads nothing on the
+        host, and it allocates only activations.
+        """
+        t = self.transformer
+        pos = t.next_positions(cache, 1)
+        x, _ = t.stack(input_ids, pos, None, None, cache, None, self.backend, False)
+        cache.advance(1, 1)
+        return self.lm_head(x[:, -1])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """nn.Modules over the fused ops: what fastlm.models and fastlm.optimize build on."""
 
 from fastlm.nn.attention import SelfAttention
+from fastlm.nn.attention_layouts import Cached, Packed, Padded
 from fastlm.nn.ffn import GeluFFN
 from fastlm.nn.layer_norm import LayerNorm
 
-__all__ = ["GeluFFN", "LayerNorm", "SelfAttention"]
+__all__ = ["Cached", "GeluFFN", "LayerNorm", "Packed", "Padded", "SelfAttention"]

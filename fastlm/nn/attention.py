@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.nn._projection import weight_and_bias
-from fastlm.ops.attention import attention, attention_varlen
+from fastlm.nn.attention_layouts import Packed, Padded
 
 _NAME = "SelfAttention"
 
@@ -117,15 +117,13 @@ class SelfAttention(nn.Module):
                 raise ValueError(
                     f"fastlm.nn.{_NAME}: pass key_padding_mask (padded x) or cu_seqlens (packed x), not both"
                 )
-            a = attention_varlen(
-                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
-                softmax_scale=self.softmax_scale, dropout_p=p, backend=self.backend,
-            )  # fmt: skip
+            layout = Packed(cu_seqlens, max_seqlen)
         else:
-            a = attention(
-                q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                softmax_scale=self.softmax_scale, dropout_p=p, backend=self.backend,
-            )  # fmt: skip
+            layout = Padded(x.shape[0], x.shape[1], key_padding_mask)
+        a = layout.attend(
+            q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, dropout_p=p,
+            backend=self.backend,
+        )  # fmt: skip
         return F.linear(a.flatten(-2), *weight_and_bias(self.out_proj, _NAME, "out_proj"))
 
     def extra_repr(self) -> str:

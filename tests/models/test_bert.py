@@ -184,7 +184,7 @@ def test_bad_inputs():
         ValueError, match=r"sequence length 41 exceeds .*max_position_embeddings 40"
     ):
         model(torch.ones(1, 41, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 61\).*\[1, 61\]"):
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 61\)"):
         model(torch.tensor([[1, 61]]))
     with pytest.raises(TypeError, match="integer tensor"):
         model(torch.ones(1, 4))

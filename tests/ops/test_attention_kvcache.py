@@ -78,7 +78,7 @@ def _oracle(q, k_cache, v_cache, seqlens, k, v, causal, scale=None, *, upcast=Tr
                 vb.transpose(0, 1).to(ct), attn_mask=mask, scale=scale,
                 enable_gqa=q.shape[2] != kb.shape[1],
             ).transpose(0, 1)  # fmt: skip
-        # A query with no key to attend to gives zeros (DESIGN.md), whatever SDPA returns.
+        # A query with no key to attend to gives zeros (the documented contract), whatever SDPA returns.
         outs.append(torch.where(mask.any(-1)[:, None, None], o, 0.0))
     return torch.stack(outs)
 

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastlm.ops.attention import call as attention_call
 from fastlm.ops.layer_norm import call as layer_norm_call
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]
@@ -55,3 +56,49 @@ def test_layer_norm_fast_check_accepts_the_usual_call():
     x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
     assert layer_norm_call._plainly_valid(x, w, b, 1e-5, None)
     assert layer_norm_call._plainly_valid(x, w, b, 1e-12, torch.randn(4, 8))
+
+
+@st.composite
+def _qkv_or_junk(draw, shape):
+    kind = draw(
+        st.sampled_from(["ok", "ok", "dtype", "rank", "strided", "device", "junk", "shape"])
+    )
+    if kind == "junk":
+        return draw(st.sampled_from([1.0, "q", None]))
+    dtype = draw(st.sampled_from(DTYPES)) if kind == "dtype" else torch.float32
+    if kind == "rank":
+        return torch.zeros(shape[1:], dtype=dtype)
+    if kind == "strided":
+        return torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)[..., ::2]
+    if kind == "shape":
+        b, s, _, d = shape
+        return torch.zeros(b, s, draw(st.integers(1, 3)), d + draw(st.integers(0, 1)), dtype=dtype)
+    return torch.zeros(shape, dtype=dtype, device="meta" if kind == "device" else "cpu")
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_attention_fast_check_implies_full_check(data):
+    b, sq, sk = (
+        data.draw(st.integers(1, 2)),
+        data.draw(st.integers(1, 3)),
+        data.draw(st.integers(1, 3)),
+    )
+    h, hkv = data.draw(st.sampled_from([(2, 2), (2, 1), (3, 2), (4, 2)]))
+    d = data.draw(st.integers(1, 4))
+    q = data.draw(_qkv_or_junk((b, sq, h, d)))
+    k = data.draw(_qkv_or_junk((b, sk, hkv, d)))
+    v = data.draw(st.sampled_from(["same", "other"]))
+    v = k if v == "same" else data.draw(_qkv_or_junk((b, sk, hkv, d)))
+    mask = data.draw(st.sampled_from([None, "ok", "float", "shape"]))
+    mask = {
+        None: None,
+        "ok": torch.ones(b, sk, dtype=torch.bool),
+        "float": torch.ones(b, sk),
+        "shape": torch.ones(b, sk + 1, dtype=torch.bool),
+    }[mask]
+    causal = data.draw(st.sampled_from([True, False, 1, None]))
+    scale = data.draw(st.sampled_from([None, 0.5, 0.0, -1.0, float("inf"), 2, True]))
+    p = data.draw(st.sampled_from([0.0, 0, 0.1, 1.0, -0.1, float("nan"), True]))
+    if attention_call._plainly_valid(q, k, v, causal, mask, scale, p):
+        attention_call._validate_padded(q, k, v, causal, mask, scale, p)  # must not raise

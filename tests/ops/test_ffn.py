@@ -93,7 +93,7 @@ def _fp32_atol(mode, baseline, oracle, reduction=1):
 
     tests.parity compares fp32 results as float64 tensors, which would apply float64's
     assert_close tolerances; 1e-5 restores fp32's defaults (atol 1e-5, rtol 1.3e-6), the
-    DESIGN rule for fp32 kernels. mode "baseline": for large magnitudes an fp32 dot product
+    parity rule for fp32 kernels (fastlm/parity.py). mode "baseline": for large magnitudes an fp32 dot product
     loses absolute precision whoever computes it (terms of size s^2 cancel to small outputs),
     so the bound also admits twice PyTorch's own fp32 error at this scale (the FlashAttention
     rule used for fp16) plus an ulp floor: a sum of ``reduction`` fp32 terms in another order

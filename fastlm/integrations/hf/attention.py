@@ -12,8 +12,8 @@ Fused (fastlm kernels):
 * plain causal or bidirectional attention, with or without padding: ``None`` or the
   (B, Sk) bool padding mask -> ``fastlm.attention(causal=..., key_padding_mask=...)``;
 * a static cache (``cache_implementation="static"``: queries at ``q_offset > 0``,
-  ``kv_length`` = the cache size), when the offset can be read without a device sync (an
-  int or a CPU tensor): causal attention can see no key at or past
+  ``kv_length`` = the cache size), when the offset can be read for free (an int or an
+  eager CPU tensor): causal attention can see no key at or past
   ``L = q_offset + Sq``, so the hook hands over the (B, L) bool padding mask and the
   attention runs bottom-right causal over the first L cached keys (the empty slots are cut
   off, not computed);
@@ -24,7 +24,7 @@ Fused (fastlm kernels):
 Fallback (logged once per reason):
 
 * any other mask function (sliding windows, or/and overlays, block overlays, a static cache
-  whose offset is a GPU tensor): materialised as a (B, 1, Sq, Sk) bool mask by
+  whose offset is a GPU tensor or traced by torch.compile): materialised as a (B, 1, Sq, Sk) bool mask by
   transformers' own ``sdpa_mask`` -> torch SDPA;
 * a 4-D bool or additive float mask (custom, or prepared by the model): torch SDPA with it;
 * ``output_attentions=True``: that call runs an explicit softmax over the dense form of
@@ -49,6 +49,7 @@ from fastlm.integrations.hf.mask_patterns import (
     packed_segment_ids,
     plain_mask_kind,
 )
+from fastlm.models._base import drop_full_mask, reads_are_free
 from fastlm.ops.attention import attention, attention_varlen
 
 logger = logging.getLogger("fastlm")
@@ -63,11 +64,11 @@ def _log_fallback(reason: str) -> None:
 
 
 def _host_int(value) -> int | None:
-    """``value`` as a Python int when that costs no device sync (an int or a CPU tensor;
-    torch.compile traces the read of a CPU scalar without a graph break)."""
+    """``value`` as a Python int when reading it is free: an int, or an eager CPU tensor (on
+    a GPU it would be a device sync, under torch.compile a graph break)."""
     if isinstance(value, int):
         return value
-    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and reads_are_free(value):
         return int(value)
     return None
 
@@ -83,11 +84,9 @@ def _padding_mask(attention_mask: torch.Tensor | None, valid: int, kv_length: in
         mask = F.pad(mask, (0, valid - mask.shape[1]), value=False)
     mask = mask[:, :valid]
     # An all-ones mask can be dropped (the kernels skip the mask loads, SDPA keeps its
-    # unmasked path), but finding out reads its values: free on CPU, a host sync per forward
-    # on a GPU. So only CPU masks are inspected; a GPU mask is always passed through.
-    if valid == kv_length and mask.device.type == "cpu" and bool(mask.all()):
-        return None
-    return mask
+    # unmasked path) where reading it is free; a mask shorter than the keys is kept: its
+    # length is what cuts the empty cache slots off.
+    return drop_full_mask(mask) if valid == kv_length else mask
 
 
 def _fused_mask(kind, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask):
@@ -133,7 +132,7 @@ def fastlm_mask(
         return packed[0]
     name = getattr(mask_function, "__name__", type(mask_function).__name__)
     _log_fallback(
-        f"mask function {name!r} (or a cache offset on a device) is materialised, torch SDPA"
+        f"mask function {name!r} (or a cache offset read only at a cost) is materialised, torch SDPA"
     )
     return sdpa_mask(
         batch_size=batch_size,

@@ -17,6 +17,7 @@ state their own limits (``reason(call)`` in ``_<backend>.py``). Validation is st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,16 +103,15 @@ class AttentionCall:
     def checked(
         cls, q, k, v, *, causal, key_padding_mask, softmax_scale, dropout_p
     ) -> AttentionCall:
-        """Validate a padded call (fastlm.attention) and build its record."""
-        _check_qkv(OP, q, k, v, 4, PADDED_LAYOUT)
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(
-                f"fastlm.{OP}: q and k must have the same batch size, got q {tuple(q.shape)} and "
-                f"k {tuple(k.shape)}"
-            )
-        if key_padding_mask is not None:
-            _check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[1], q)
-        scale, p = _check_scalars(OP, q, causal, softmax_scale, dropout_p)
+        """Validate a padded call (fastlm.attention) and build its record. The usual, valid
+        call is recognised in a few attribute reads (_plainly_valid); anything else gets
+        every check (_validate_padded)."""
+        if _plainly_valid(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p):
+            d = q.shape[-1]
+            scale = C.default_softmax_scale(d) if softmax_scale is None else softmax_scale
+            p = float(dropout_p)
+        else:
+            scale, p = _validate_padded(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p)
         return cls(q, k, v, key_padding_mask, None, None, q.shape[1], k.shape[1], causal, scale, p)
 
     @classmethod
@@ -129,6 +129,53 @@ class AttentionCall:
         return cls(
             q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, p
         )  # fmt: skip
+
+
+_FLOAT = frozenset(C.FLOAT_DTYPES)
+
+
+def _plainly_valid(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p) -> bool:
+    """A cheap sufficient condition for _validate_padded to pass: plain 4-D tensors of one
+    supported dtype on one device with unit last-dim strides, matching batch/head_dim,
+    GQA-divisible heads, a bool (B, Sk) mask or none, and plain scalars in range. The hot
+    path of every model; False only means "check everything", never "invalid"."""
+    for t in (q, k, v):
+        if type(t) is not torch.Tensor or t.dim() != 4 or (t.shape[3] != 1 and t.stride(3) != 1):
+            return False
+    if q.dtype not in _FLOAT or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    bsz, _, heads, d = q.shape
+    if k.shape != v.shape or k.shape[0] != bsz or k.shape[3] != d or d < 1:
+        return False
+    kv_heads = k.shape[2]
+    if kv_heads < 1 or heads % kv_heads:
+        return False
+    device = q.device
+    if k.device != device or v.device != device:
+        return False
+    if key_padding_mask is not None and (
+        type(key_padding_mask) is not torch.Tensor or key_padding_mask.dtype != torch.bool
+        or key_padding_mask.shape != (bsz, k.shape[1]) or key_padding_mask.device != device
+    ):  # fmt: skip
+        return False
+    if type(causal) is not bool or type(dropout_p) not in (float, int):
+        return False
+    if not 0.0 <= dropout_p < 1.0:
+        return False
+    return softmax_scale is None or (type(softmax_scale) is float and 0 < softmax_scale < math.inf)
+
+
+def _validate_padded(q, k, v, causal, key_padding_mask, softmax_scale, dropout_p):
+    """Every check of a padded call -> (resolved scale, dropout_p as float)."""
+    _check_qkv(OP, q, k, v, 4, PADDED_LAYOUT)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"fastlm.{OP}: q and k must have the same batch size, got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}"
+        )
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[1], q)
+    return _check_scalars(OP, q, causal, softmax_scale, dropout_p)
 
 
 def _check_qkv(op: str, q: object, k: object, v: object, ndim: int, layout: str) -> None:
