@@ -101,13 +101,18 @@ def test_optimize_trains_and_rejects_other_models():
         fastlm.optimize("model")
 
 
-def test_mask_patterns_fastlm_cannot_express_raise():
+def test_mask_hook_forms():
+    """Plain masks stay 2-D (or None); a pattern fastlm cannot express is materialised exactly
+    as transformers' sdpa mask (its tests against sdpa outputs: test_hf_masks.py)."""
     from transformers import masking_utils as mu
 
     from fastlm.integrations.hf.attention import fastlm_mask
 
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        fastlm_mask(1, 4, 4, mask_function=mu.sliding_window_causal_mask_function(2))
+    window = mu.sliding_window_causal_mask_function(2)
+    dense = fastlm_mask(1, 4, 4, mask_function=window)
+    assert torch.equal(
+        dense, mu.sdpa_mask(1, 4, 4, mask_function=window, allow_is_causal_skip=False)
+    )
     m = torch.tensor([[True, True, False]])
     assert torch.equal(
         fastlm_mask(1, 3, 3, mask_function=mu.bidirectional_mask_function, attention_mask=m), m
