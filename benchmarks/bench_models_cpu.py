@@ -1,7 +1,7 @@
 """The model paths on this CPU, each against transformers' sdpa in the same process: what a
 user of fastlm without a GPU gets (issue-style table, committed to benchmarks/results/cpu/).
 
-* BERT-base (random weights), batch 16 x seq 256, ~40% padding, forward under
+* BERT-base (random weights), batch 16 x seq 256, ~45% padding, forward under
   torch.inference_mode: fastlm.models.BertModel, transformers + fastlm.optimize(), and
   transformers with attn_implementation="fastlm";
 * GPT-2 124M (random weights), a 32-token prompt and 64 greedy tokens, batch 1 and a
