@@ -56,6 +56,16 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride
   }
 }
 
+// Sequence b of a packed batch: start = cu[b] and end = cu[b + 1], both clamped into
+// [0, total] (end >= start); *len = min(end - start, max_len). Valid offsets pass unchanged.
+__device__ __forceinline__ int64_t clamp_span(const int32_t* cu, int b, int64_t total,
+                                              int64_t max_len, int64_t* len) {
+  const int64_t start = min(max(static_cast<int64_t>(cu[b]), int64_t{0}), total);
+  const int64_t end = min(max(static_cast<int64_t>(cu[b + 1]), start), total);
+  *len = min(end - start, max_len);
+  return start;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(AttentionFwdArgs a) {
   constexpr int LD = D + 8;
@@ -71,10 +81,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(AttentionFwdArg
   const bool varlen = a.cu_seqlens_q != nullptr;
   int64_t q_start = 0, k_start = 0, sq = a.seqlen_q, sk = a.seqlen_k;
   if (varlen) {
-    q_start = a.cu_seqlens_q[b];
-    sq = a.cu_seqlens_q[b + 1] - q_start;
-    k_start = a.cu_seqlens_k[b];
-    sk = a.cu_seqlens_k[b + 1] - k_start;
+    // Unvalidated offsets (no host sync): each span clamped into the packed tensor and to
+    // max_seqlen, so any values stay in bounds.
+    q_start = clamp_span(a.cu_seqlens_q, b, a.total_q, a.seqlen_q, &sq);
+    k_start = clamp_span(a.cu_seqlens_k, b, a.total_k, a.seqlen_k, &sk);
   }
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
   if (m0 >= sq) return;  // whole block: uniform

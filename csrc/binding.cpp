@@ -442,6 +442,8 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& q, const Tensor& k
   a.head_dim = q.size(2);
   a.seqlen_q = max_seqlen_q;
   a.seqlen_k = max_seqlen_k;
+  a.total_q = total_q;
+  a.total_k = k.size(0);
   a.q_stride_s = q.stride(0), a.q_stride_h = q.stride(1);
   a.k_stride_s = k.stride(0), a.k_stride_h = k.stride(1);
   a.v_stride_s = v.stride(0), a.v_stride_h = v.stride(1);

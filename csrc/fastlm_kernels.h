@@ -123,7 +123,10 @@ cudaError_t bias_residual_add(const BiasResidualArgs& a, cudaStream_t stream);
 // Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D), o (B, Sq, H, D), lse (B, H, Sq) fp32.
 // Varlen (cu_seqlens_q != nullptr): q/o (total_q, H, D), k/v (total_k, Hkv, D); batch
 //   strides are ignored, sequence b spans rows cu_seqlens[b] .. cu_seqlens[b+1];
-//   lse is (H, total_q). The grid covers max_seqlen_q rows per sequence.
+//   lse is (H, total_q). The grid covers max_seqlen_q rows per sequence. The offsets are
+//   not validated on the host (that would be a sync): the kernel clamps every span into
+//   [0, total_q] / [0, total_k] and its length to max_seqlen, so no offsets can make it
+//   read or write outside the tensors (the caller flags invalid ones).
 // causal: query i sees key j iff j <= i + (Sk - Sq) (bottom-right aligned).
 // key_padding_mask: bool (B, Sk) with batch stride, true = attend (dense only).
 // A query row with no key to attend to gets o = 0 and lse = +inf.
@@ -140,6 +143,7 @@ struct AttentionFwdArgs {
   const int32_t* cu_seqlens_k;   // nullable (dense)
   int64_t batch, heads, kv_heads, head_dim;
   int64_t seqlen_q, seqlen_k;  // dense sizes, or max_seqlen_q / max_seqlen_k for varlen
+  int64_t total_q, total_k;    // varlen: rows of q/o and of k/v (every span is clamped into them)
   int64_t q_stride_b, q_stride_s, q_stride_h;
   int64_t k_stride_b, k_stride_s, k_stride_h;
   int64_t v_stride_b, v_stride_s, v_stride_h;

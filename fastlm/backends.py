@@ -47,7 +47,7 @@ _AUTO_NAMES = ("", "auto", "none")
 
 logger = logging.getLogger("fastlm")
 _override: str | None = None
-_logged: set[tuple[str, str, str]] = set()
+_logged: set[tuple] = set()  # (op, backend, skipped reasons) already logged
 
 
 class BackendUnavailableError(NotImplementedError):

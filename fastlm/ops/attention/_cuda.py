@@ -49,14 +49,6 @@ def reason(call: AttentionCall) -> str | None:
     return _cuda_ext.unavailable_reason()
 
 
-def _bounded(cu: torch.Tensor, total: int) -> torch.Tensor:
-    """cu_seqlens made safe for csrc/attention_fwd.cu, which reads them unclamped: clamped
-    into [0, total] and non-decreasing, so no span leaves the tensor whatever the values
-    (unchecked on CUDA; valid ones pass unchanged). Contiguous: the binding reads them with
-    unit stride. (B + 1,) ints, a few tiny kernels, no host sync."""
-    return torch.cummax(cu.clamp(0, total), 0).values.to(torch.int32).contiguous()
-
-
 def _refuse_dropout(call: AttentionCall) -> None:
     # reason() keeps dropout away; a direct call of the custom op must not get attention
     # without the dropout it asked for.
@@ -77,9 +69,11 @@ def forward(call: AttentionCall, seed: torch.Tensor | None):
             # copying a strided one costs nothing next to the attention itself.
             kpm = kpm.contiguous()
         return ext.attention(c.q, c.k, c.v, kpm, c.softmax_scale, c.causal)
+    # The kernel clamps every span into the tensors; invalid offsets are flagged below.
+    # The binding reads the offsets with unit stride: a (B + 1,) copy at most.
     total_q, total_k = c.q.shape[0], c.k.shape[0]
     out, lse = ext.attention_varlen(
-        c.q, c.k, c.v, _bounded(c.cu_seqlens_q, total_q), _bounded(c.cu_seqlens_k, total_k),
+        c.q, c.k, c.v, c.cu_seqlens_q.contiguous(), c.cu_seqlens_k.contiguous(),
         c.max_seqlen_q, c.max_seqlen_k, c.softmax_scale, c.causal,
     )  # fmt: skip
     bad = cu_seqlens_invalid(c.cu_seqlens_q, total_q, c.max_seqlen_q) | cu_seqlens_invalid(
