@@ -215,3 +215,23 @@ def test_mask_on_a_device_is_passed_through_unread():
 
     m = torch.ones(2, 3, dtype=torch.bool, device="meta")
     assert fastlm_mask(2, 3, 3, mask_function=mu.causal_mask_function, attention_mask=m) is not None
+
+
+def test_optimized_bert_runs_valid_tokens_only_on_cpu():
+    # Eager CPU: each layer packs the valid tokens, so padded rows come out as zeros, while
+    # valid rows and every gradient of a loss over them match transformers' sdpa.
+    ref = transformers.BertModel(tiny_bert_config(), add_pooling_layer=False).train()
+    model = fastlm.optimize(transformers.BertModel(tiny_bert_config(), add_pooling_layer=False))
+    model.load_state_dict(ref.state_dict())
+    model.train()
+    ids, mask = padded_batch(61, [9, 4, 1], 9)
+    valid = mask.bool()
+    got, want = model(ids, attention_mask=mask)[0], ref(ids, attention_mask=mask)[0]
+    assert torch.count_nonzero(got[~valid]) == 0
+    torch.testing.assert_close(got[valid], want[valid], atol=3e-5, rtol=1e-4)
+    weights = torch.randn_like(got)
+    (got[valid] * weights[valid]).sum().backward()
+    (want[valid] * weights[valid]).sum().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-4, rtol=1e-4, msg=name)

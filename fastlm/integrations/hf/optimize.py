@@ -21,7 +21,15 @@ What runs differently while optimized:
   transformers' GPT2Attention (which owns the KV cache of generate()) on the "fastlm"
   attention implementation. These nn modules wrap the layer's own children; they are kept
   in the layer's ``_fastlm_parts``, not registered as submodules (that would add
-  state_dict keys).
+  state_dict keys);
+* on eager CPU, a BERT layer given a padded batch runs on the valid tokens only: it packs
+  them (``unpad_input``), runs attention as ``attention_varlen`` and every GEMM and
+  LayerNorm on the T valid rows, and scatters them back (``pad_input``). Padded positions
+  of its output hold zeros (transformers computes values there that nothing should read:
+  queries at padding); valid positions agree. The pack/scatter is two memory moves per
+  layer against GEMMs that shrink with the padding fraction. On CUDA and under
+  torch.compile, reading the mask to pack would be a sync or a graph break, so the layer
+  attends over the padded batch with the key padding mask instead.
 
 Supported: every transformers BertModel (encoder configuration, absolute positions) and
 GPT2Model (no cross-attention) found among the submodules of the given module: the bare
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from fastlm.integrations.hf import register, require_transformers
@@ -42,9 +51,11 @@ require_transformers("fastlm.optimize")
 from transformers.models.bert.modeling_bert import BertLayer, BertModel  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2Model  # noqa: E402
 
+from fastlm.models.bert import skips_padding  # noqa: E402
 from fastlm.models.config import gelu_approximate  # noqa: E402
 from fastlm.nn import GeluFFN, SelfAttention  # noqa: E402
 from fastlm.nn import LayerNorm as FastLayerNorm  # noqa: E402
+from fastlm.ops.padding import pad_input, unpad_input  # noqa: E402
 
 _STATE = "_fastlm_optimized"
 _PARTS = "_fastlm_parts"
@@ -77,10 +88,20 @@ class FastLMBertLayer(_FastLayer, BertLayer):
             raise NotImplementedError(
                 "fastlm.optimize: BERT cross-attention / KV caches are not supported"
             )
+        if _skips_padding(attention_mask):
+            batch, seq = attention_mask.shape
+            tokens, where, cu_seqlens, max_seqlen = unpad_input(hidden_states, attention_mask)
+            out = self._encode(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return pad_input(out, where, batch, seq)
+        return self._encode(hidden_states, attention_mask)
+
+    def _encode(self, x, key_padding_mask=None, **packed):
+        """The post-LN layer over a padded (B, S, H) batch with its key padding mask, or over
+        packed (T, H) tokens with ``cu_seqlens``/``max_seqlen``."""
         parts: _Parts = self.__dict__[_PARTS]
         so, out = self.attention.output, self.output
-        a = parts.attention(hidden_states, attention_mask)  # includes so.dense
-        x, _ = so.LayerNorm(so.dropout(a), residual=hidden_states)
+        a = parts.attention(x, key_padding_mask, **packed)  # includes so.dense
+        x, _ = so.LayerNorm(so.dropout(a), residual=x)
         if self.training and out.dropout.p > 0:  # dropout sits between fc2 and the residual add
             return out.LayerNorm(out.dropout(parts.ffn(x)), residual=x)[0]
         return out.LayerNorm(parts.ffn(x, residual=x))
@@ -100,6 +121,13 @@ class FastLMGPT2Block(_FastLayer, GPT2Block):
         )  # fmt: skip
         x, r = self.ln_2(a, residual=hidden_states)
         return r + self.mlp.dropout(self.__dict__[_PARTS].ffn(x))
+
+
+def _skips_padding(mask) -> bool:
+    """Whether a BERT layer runs on the valid tokens only: a (B, S) padding mask that can be
+    read for free (eager CPU; see fastlm.models.bert.skips_padding). Elsewhere, or without
+    padding (the mask hook drops an all-true mask), it attends over the padded batch."""
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2 and skips_padding(mask)
 
 
 def _cache_in(kwargs: dict) -> bool:
