@@ -50,6 +50,7 @@ from fastlm.models.heads import (
     token_loss,
 )
 from fastlm.models.kv_cache import StaticKVCache
+from fastlm.models.lm_logits import lm_logits
 from fastlm.models.outputs import (
     BaseModelOutput,
     CausalLMOutput,
@@ -338,7 +339,7 @@ class GPT2LMHeadModel(_GPT2Task):
                     "GPT2LMHeadModel.forward: labels need all logits; do not pass logits_to_keep"
                 )
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        logits = lm_logits(h, self.lm_head.weight)
         loss = causal_lm_loss(logits, labels, "GPT2LMHeadModel.forward")
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
@@ -355,7 +356,7 @@ class GPT2LMHeadModel(_GPT2Task):
         pos = t.next_positions(cache, 1)
         x, _ = t.stack(input_ids, pos, None, None, cache, None, self.backend, False)
         cache.advance(1, 1)
-        return self.lm_head(x[:, -1])
+        return lm_logits(x[:, -1], self.lm_head.weight)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:

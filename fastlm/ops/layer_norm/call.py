@@ -53,25 +53,28 @@ _FLOAT = frozenset(C.FLOAT_DTYPES)
 
 
 def _plainly_valid(x, weight, bias, eps, residual) -> bool:
-    """A cheap sufficient condition for _validate to pass: plain tensors of the supported
-    dtypes on x's device, the expected shapes, unit last-dim strides, a float eps >= 0. The
-    hot path of every model; False only means "check everything", never "invalid"."""
-    if type(x) is not torch.Tensor or x.dtype not in _FLOAT or x.dim() == 0:
+    """A cheap sufficient condition for _validate to pass: plain contiguous tensors of the
+    supported dtypes on x's device, the expected shapes, a float eps >= 0. The hot path of
+    every model; False only means "check everything", never "invalid".
+
+    Contiguity stands in for "unit last-dim stride": ``is_contiguous()`` is a flag read,
+    where ``stride(-1)`` costs five times as much (this check runs once per LayerNorm call).
+    """
+    if type(x) is not torch.Tensor or x.dtype not in _FLOAT or not x.is_contiguous():
         return False
-    n = x.shape[-1]
-    if n == 0 or (n != 1 and x.stride(-1) != 1):
+    shape = x.shape
+    if not shape or not shape[-1]:
         return False
-    device = x.device
+    n, device = shape[-1], x.device
     for t in (weight, bias):
         if t is not None and (
-            type(t) is not torch.Tensor or t.dtype not in _FLOAT or t.shape != (n,)
-            or (n != 1 and t.stride(0) != 1) or t.device != device
+            type(t) is not torch.Tensor or t.dtype not in _FLOAT or t.dim() != 1
+            or t.numel() != n or not t.is_contiguous() or t.device != device
         ):  # fmt: skip
             return False
     if residual is not None and (
         type(residual) is not torch.Tensor or residual.dtype != x.dtype
-        or residual.shape != x.shape or (n != 1 and residual.stride(-1) != 1)
-        or residual.device != device
+        or residual.shape != shape or not residual.is_contiguous() or residual.device != device
     ):  # fmt: skip
         return False
     return type(eps) is float and eps >= 0
