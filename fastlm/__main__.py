@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("bench", "demo"):
+        # Their own parsers read the rest: argparse.REMAINDER would refuse a first argument
+        # that starts with "--" ("demo --runs 3").
+        return {"bench": cmd_bench, "demo": cmd_demo}[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo}[args.cmd](
         args
