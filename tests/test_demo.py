@@ -49,12 +49,15 @@ def test_demo_reports_every_path_with_parity_and_speed(capsys):
         diff, cos = re.fullmatch(r"max\|diff\| (\S+), cos (\S+)", parity).groups()
         assert float(diff) <= MAX_DIFF and float(cos) >= MIN_COS, rows[path]
         assert float(speedup[:-1]) == pytest.approx(_ms(theirs) / _ms(ours), rel=0.02, abs=0.01)
-    for path in gpt2.PATHS:
+    new_tokens = int(re.search(r"(\d+) new tokens per prompt", out).group(1))
+    for path, batch in zip(gpt2.PATHS, (1, 4)):
         _, parity, ours, theirs, speedup = rows[path]
         agree = float(re.fullmatch(r"tokens agree ([\d.]+)%", parity).group(1)) / 100
         assert agree >= MIN_AGREE, rows[path]
-        assert re.fullmatch(r"\d+ ms = [\d.]+ tok/s", ours) and _ms(ours) > 0, rows[path]
-        assert speedup.endswith("x")
+        for cell in (ours, theirs):
+            ms, tok_s = map(float, re.fullmatch(r"([\d.]+) ms = ([\d.]+) tok/s", cell).groups())
+            assert tok_s == pytest.approx(batch * new_tokens / ms * 1e3, rel=0.05), rows[path]
+        assert float(speedup[:-1]) == pytest.approx(_ms(theirs) / _ms(ours), rel=0.05, abs=0.01)
     # the baseline is timed once per input: every BERT row divides the same sdpa time
     assert len({rows[path][3] for path in bert.PATHS}) == 1
 
@@ -124,7 +127,13 @@ def test_table_columns_line_up_and_split_back():
     rows = [Row("a path", "tokens agree 100.0%", 250.0, 500.0, tokens=8), Row("b", "x", 2.0, 1.0)]
     lines = format_table(rows).splitlines()
     assert [re.split(r"\s{2,}", line) for line in (lines[2], lines[3])] == [
-        ["a path", "tokens agree 100.0%", "250 ms = 32.0 tok/s", "500 ms = 16.0 tok/s", "2.00x"],
+        [
+            "a path",
+            "tokens agree 100.0%",
+            "250.0 ms = 32.0 tok/s",
+            "500.0 ms = 16.0 tok/s",
+            "2.00x",
+        ],
         ["b", "x", "2.0 ms", "1.0 ms", "0.50x"],
     ]
     assert len({len(line) for line in lines}) == 1  # right-aligned last column: equal widths

@@ -29,7 +29,7 @@ class Row:
     def _speed(self, ms: float) -> str:
         if self.tokens is None:
             return f"{ms:.1f} ms"
-        return f"{ms:.0f} ms = {self.tokens / ms * 1e3:.1f} tok/s"
+        return f"{ms:.1f} ms = {self.tokens / ms * 1e3:.1f} tok/s"
 
 
 @dataclass(frozen=True)
