@@ -62,6 +62,26 @@ def test_demo_reports_every_path_with_parity_and_speed(capsys):
     assert len({rows[path][3] for path in bert.PATHS}) == 1
 
 
+def test_bert_paths_are_what_their_rows_say():
+    import fastlm.models
+    import fastlm.nn
+
+    models = bert.load_models(minilm_dir(), torch.device("cpu"), torch.float32)
+    assert set(models) == {"sdpa", *bert.PATHS}
+
+    def fastlm_modules(model):
+        return [
+            m for m in model.modules() if isinstance(m, (fastlm.nn.LayerNorm, fastlm.nn.GeluFFN))
+        ]
+
+    baseline = models["sdpa"]  # stock transformers: optimize() must not have touched it
+    assert baseline.config._attn_implementation == "sdpa" and not fastlm_modules(baseline)
+    assert isinstance(models[bert.PATHS[0]], fastlm.models.BertModel)
+    as_fastlm = models[bert.PATHS[1]]
+    assert as_fastlm.config._attn_implementation == "fastlm" and not fastlm_modules(as_fastlm)
+    assert fastlm_modules(models[bert.PATHS[2]])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

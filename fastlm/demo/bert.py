@@ -58,28 +58,34 @@ def parity(got: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> str:
     return f"max|diff| {diff:.1e}, cos {cos.min().item():.6f}"
 
 
-def run(path: str, device: torch.device, dtype: torch.dtype, runs: int, quick: bool) -> Section:
+def load_models(path: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The baseline (key ``"sdpa"``: stock transformers) and one model per path in PATHS."""
     import transformers
 
     from fastlm.integrations.hf.optimize import optimize
     from fastlm.models import BertModel
-
-    sentences = list(QUICK_SENTENCES if quick else SENTENCES)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(sentences, padding=True, return_tensors="pt").to(device)
-    mask = batch["attention_mask"]
 
     def hf(attn: str):
         model = transformers.BertModel.from_pretrained(path, attn_implementation=attn)
         return model.to(device, dtype).eval()
 
     sdpa = hf("sdpa")
-    models = {
+    return {
         "sdpa": sdpa,
         PATHS[0]: BertModel.from_pretrained(path, dtype=dtype, device=device).eval(),
         PATHS[1]: hf("fastlm"),
-        PATHS[2]: optimize(copy.deepcopy(sdpa)),
+        PATHS[2]: optimize(copy.deepcopy(sdpa)),  # optimize() works in place: keep sdpa stock
     }
+
+
+def run(path: str, device: torch.device, dtype: torch.dtype, runs: int, quick: bool) -> Section:
+    import transformers
+
+    sentences = list(QUICK_SENTENCES if quick else SENTENCES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(sentences, padding=True, return_tensors="pt").to(device)
+    mask = batch["attention_mask"]
+    models = load_models(path, device, dtype)
     with torch.inference_mode():
         calls = {name: (lambda m=m: m(**batch).last_hidden_state) for name, m in models.items()}
         outputs, ms = time_calls(calls, runs, device)
