@@ -21,7 +21,8 @@ from fastlm.demo.timing import time_calls
 PATHS = ("GPT-2 generate, B=1", "GPT-2 generate, B=4 left-padded")
 
 # --quick: small enough that the whole GPT-2 part takes well under a second on a CPU
-TINY = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64)
+TINY = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64, bos_token_id=999,
+            eos_token_id=999)  # fmt: skip
 
 
 def _models(ckpt: str | None, device: torch.device, dtype: torch.dtype, quick: bool):
@@ -33,9 +34,7 @@ def _models(ckpt: str | None, device: torch.device, dtype: torch.dtype, quick: b
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa")
         what = f"checkpoint {ckpt}"
     else:
-        shape = TINY if quick else {}
-        special = dict(bos_token_id=TINY["vocab_size"] - 1, eos_token_id=TINY["vocab_size"] - 1)
-        cfg = transformers.GPT2Config(**shape, **(special if quick else {}))
+        cfg = transformers.GPT2Config(**(TINY if quick else {}))
         torch.manual_seed(0)
         hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
         size = sum(p.numel() for p in hf.parameters()) / 1e6
