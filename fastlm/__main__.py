@@ -87,6 +87,9 @@ def cmd_demo(args) -> int:
     return demo.run_demo(args.rest)
 
 
+COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -99,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("bench", "demo"):
+        # Their own parsers read the rest: argparse.REMAINDER would refuse a first argument
+        # that starts with "--" ("demo --runs 3").
+        return COMMANDS[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo}[args.cmd](
-        args
-    )
+    return COMMANDS[args.cmd](args)
 
 
 if __name__ == "__main__":
