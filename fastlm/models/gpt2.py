@@ -50,29 +50,34 @@ from fastlm.models.heads import (
     token_loss,
 )
 from fastlm.models.kv_cache import StaticKVCache
-from fastlm.models.lm_logits import lm_logits
 from fastlm.models.outputs import (
     BaseModelOutput,
     CausalLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from fastlm.nn import GeluFFN, LayerNorm
+from fastlm.nn import GeluFFN, LayerNorm, linear
 from fastlm.nn.attention_layouts import Cached, Padded
 
 
 class Conv1D(nn.Module):
-    """transformers' Conv1D: y = x @ weight + bias with weight (in, out)."""
+    """transformers' Conv1D: y = x @ weight + bias with weight (in, out).
+
+    The weight has transformers' (in, out) shape (state_dict, loading and optimizers see
+    exactly transformers' parameter) but nn.Linear's memory layout: it is the transposed
+    view of a row-major (out, in) matrix. That is the layout the few-row GEMMs of a CPU
+    decode step stream fastest (fastlm.ops.linear: ``(W x^T)^T`` over the row-major
+    (out, in) rows), and the one F.linear and the fused kernels read for larger batches.
+    """
 
     def __init__(self, nf: int, nx: int):
         super().__init__()
         self.nf = nf
-        self.weight = nn.Parameter(torch.empty(nx, nf).normal_(0.0, 0.02))
+        self.weight = nn.Parameter(torch.empty(nf, nx).normal_(0.0, 0.02).t())
         self.bias = nn.Parameter(torch.zeros(nf))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-        return y.view(*x.shape[:-1], self.nf)
+        return linear(x, self.weight.t(), self.bias)
 
 
 class GPT2Attention(nn.Module):
@@ -339,7 +344,7 @@ class GPT2LMHeadModel(_GPT2Task):
                     "GPT2LMHeadModel.forward: labels need all logits; do not pass logits_to_keep"
                 )
             h = h[:, -logits_to_keep:]
-        logits = lm_logits(h, self.lm_head.weight)
+        logits = linear(h, self.lm_head.weight)
         loss = causal_lm_loss(logits, labels, "GPT2LMHeadModel.forward")
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
@@ -356,7 +361,7 @@ class GPT2LMHeadModel(_GPT2Task):
         pos = t.next_positions(cache, 1)
         x, _ = t.stack(input_ids, pos, None, None, cache, None, self.backend, False)
         cache.advance(1, 1)
-        return lm_logits(x[:, -1], self.lm_head.weight)
+        return linear(x[:, -1], self.lm_head.weight)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:

@@ -4,11 +4,11 @@ output projection) as one module, over padded or packed (varlen) batches."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastlm.nn._projection import weight_and_bias
 from fastlm.nn.attention_layouts import Packed, Padded
+from fastlm.ops.linear import linear
 
 _NAME = "SelfAttention"
 
@@ -93,10 +93,10 @@ class SelfAttention(nn.Module):
         """q, k, v (..., H, D): strided views of one (..., 3E) GEMM output, or three GEMMs."""
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
         if self._fused_qkv:
-            qkv = F.linear(x, *weight_and_bias(self.qkv, _NAME, "qkv"))
+            qkv = linear(x, *weight_and_bias(self.qkv, _NAME, "qkv"))
             return qkv.view(*x.shape[:-1], 3, self.num_heads, self.head_dim).unbind(-3)
         return tuple(
-            F.linear(x, *weight_and_bias(m, _NAME, "qkv")).view(heads)
+            linear(x, *weight_and_bias(m, _NAME, "qkv")).view(heads)
             for m in (self.query, self.key, self.value)
         )
 
@@ -124,7 +124,7 @@ class SelfAttention(nn.Module):
             q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, dropout_p=p,
             backend=self.backend,
         )  # fmt: skip
-        return F.linear(a.flatten(-2), *weight_and_bias(self.out_proj, _NAME, "out_proj"))
+        return linear(a.flatten(-2), *weight_and_bias(self.out_proj, _NAME, "out_proj"))
 
     def extra_repr(self) -> str:
         return (

@@ -15,6 +15,21 @@ def _pair(backend="torch", **cfg):
     return hf, fm.GPT2LMHeadModel.from_hf(hf, backend=backend)
 
 
+def test_conv1d_weights_have_transformers_shape_and_linear_layout():
+    # (in, out) like transformers' Conv1D, stored row-major (out, in) like nn.Linear: the
+    # layout fastlm.ops.linear streams in a CPU decode step. Loading, dtype casts and saving
+    # keep both.
+    hf, ours = _pair()
+    for model in (ours, ours.to(torch.float64), fm.GPT2LMHeadModel(ours.config)):
+        for name, p in model.named_parameters():
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                assert p.t().is_contiguous(), name
+    sd = ours.state_dict()
+    for name, p in hf.state_dict().items():
+        assert sd[name].shape == p.shape, name
+        torch.testing.assert_close(sd[name].float(), p, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lengths", [[9, 9], [9, 5, 1]], ids=["nopad", "leftpad"])
 def test_logits_match(backend, lengths, dtype):
