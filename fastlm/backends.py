@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -271,3 +271,10 @@ def forget_decisions() -> None:
     built or reset, TRITON_INTERPRET toggled in tests)."""
     _DECISIONS.clear()
     _logged.clear()
+
+
+def native_runs(op_backends: Mapping[str, Backend]) -> dict[str, Callable]:
+    """``{name: run}`` of an op's backends that run with PyTorch's own autograd (``NATIVE``:
+    no custom op); an op calls ``run(call)`` of the chosen one directly, else its custom op.
+    Built once per op at import, so the hot path pays one dict lookup."""
+    return {name: b.run for name, b in op_backends.items() if getattr(b, "NATIVE", False)}

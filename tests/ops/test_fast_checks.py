@@ -48,14 +48,16 @@ def test_layer_norm_fast_check_implies_full_check(data):
         "other-shape": torch.zeros(rows, n + 1, dtype=x_dtype),
     }[residual]
     eps = data.draw(st.sampled_from([1e-5, 0.0, -1.0, 1, True, float("nan"), None]))
-    if layer_norm_call._plainly_valid(x, weight, bias, eps, residual):
+    n = layer_norm_call._plainly_valid(x, weight, bias, eps, residual)
+    if n:
         layer_norm_call._validate(x, weight, bias, eps, residual)  # must not raise
+        assert n == x.shape[-1]  # the record's normalized size
 
 
 def test_layer_norm_fast_check_accepts_the_usual_call():
     x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
-    assert layer_norm_call._plainly_valid(x, w, b, 1e-5, None)
-    assert layer_norm_call._plainly_valid(x, w, b, 1e-12, torch.randn(4, 8))
+    assert layer_norm_call._plainly_valid(x, w, b, 1e-5, None) == 8
+    assert layer_norm_call._plainly_valid(x, w, b, 1e-12, torch.randn(4, 8)) == 8
 
 
 @st.composite

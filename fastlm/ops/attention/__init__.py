@@ -47,9 +47,9 @@ __all__ = [
 
 def _serve(call: AttentionCall, backend: str | None) -> torch.Tensor:
     chosen = backends.choose(call.op, call, BACKENDS, backend)
-    impl = BACKENDS[chosen]
-    if getattr(impl, "NATIVE", False):
-        return impl.run(call)
+    native = _NATIVE_RUNS.get(chosen)
+    if native is not None:
+        return native(call)
     return run(call, chosen)
 
 
@@ -113,3 +113,6 @@ def attention_varlen(
         causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
     )  # fmt: skip
     return _serve(call, backend)
+
+
+_NATIVE_RUNS = backends.native_runs(BACKENDS)

@@ -59,7 +59,10 @@ def attention_with_kvcache(
     """
     call = KVCacheCall.checked(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale)
     chosen = backends.choose(OP, call, BACKENDS, backend)
-    impl = BACKENDS[chosen]
-    if getattr(impl, "NATIVE", False):
-        return impl.run(call)
+    native = _NATIVE_RUNS.get(chosen)
+    if native is not None:
+        return native(call)
     return run(call, chosen)
+
+
+_NATIVE_RUNS = backends.native_runs(BACKENDS)

@@ -78,7 +78,10 @@ def gelu_ffn(
 
 def _serve(call: FFNCall, backend: str | None) -> torch.Tensor:
     chosen = backends.choose(call.op, call, BACKENDS, backend)
-    impl = BACKENDS[chosen]
-    if getattr(impl, "NATIVE", False):
-        return impl.run(call)
+    native = _NATIVE_RUNS.get(chosen)
+    if native is not None:
+        return native(call)
     return run(call, chosen)
+
+
+_NATIVE_RUNS = backends.native_runs(BACKENDS)

@@ -44,7 +44,10 @@ def layer_norm(
     """
     call = LayerNormCall.checked(x, weight, bias, eps, residual)
     chosen = backends.choose(OP, call, BACKENDS, backend)
-    impl = BACKENDS[chosen]
-    if getattr(impl, "NATIVE", False):
-        return impl.run(call)
+    native = _NATIVE_RUNS.get(chosen)
+    if native is not None:
+        return native(call)
     return run(call, chosen)
+
+
+_NATIVE_RUNS = backends.native_runs(BACKENDS)

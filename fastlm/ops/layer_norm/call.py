@@ -27,14 +27,11 @@ class LayerNormCall:
     bias: torch.Tensor | None
     residual: torch.Tensor | None
     eps: float
+    n: int  # the normalized size, x.shape[-1] (read once, by the checks)
 
     @property
     def device(self) -> torch.device:
         return self.x.device
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[-1]
 
     def dispatch_key(self) -> tuple:
         return (self.x.device, self.x.dtype, self.n, self.residual is not None)
@@ -44,40 +41,43 @@ class LayerNormCall:
         """Validate the public arguments (ValueError/TypeError naming what was expected and
         what was given) and build the record. The usual, valid call is recognised in a few
         attribute reads (_plainly_valid); anything else gets every check (_validate)."""
-        if not _plainly_valid(x, weight, bias, eps, residual):
+        n = _plainly_valid(x, weight, bias, eps, residual)
+        if not n:
             _validate(x, weight, bias, eps, residual)
-        return cls(x, weight, bias, residual, float(eps))
+            n = x.shape[-1]
+        return cls(x, weight, bias, residual, float(eps), n)
 
 
 _FLOAT = frozenset(C.FLOAT_DTYPES)
 
 
-def _plainly_valid(x, weight, bias, eps, residual) -> bool:
+def _plainly_valid(x, weight, bias, eps, residual) -> int:
     """A cheap sufficient condition for _validate to pass: plain contiguous tensors of the
     supported dtypes on x's device, the expected shapes, a float eps >= 0. The hot path of
-    every model; False only means "check everything", never "invalid".
+    every model. Returns the normalized size N when it holds; 0 only means "check
+    everything", never "invalid".
 
     Contiguity stands in for "unit last-dim stride": ``is_contiguous()`` is a flag read,
     where ``stride(-1)`` costs five times as much (this check runs once per LayerNorm call).
     """
     if type(x) is not torch.Tensor or x.dtype not in _FLOAT or not x.is_contiguous():
-        return False
+        return 0
     shape = x.shape
     if not shape or not shape[-1]:
-        return False
+        return 0
     n, device = shape[-1], x.device
     for t in (weight, bias):
         if t is not None and (
             type(t) is not torch.Tensor or t.dtype not in _FLOAT or t.dim() != 1
             or t.numel() != n or not t.is_contiguous() or t.device != device
         ):  # fmt: skip
-            return False
+            return 0
     if residual is not None and (
         type(residual) is not torch.Tensor or residual.dtype != x.dtype
         or residual.shape != shape or not residual.is_contiguous() or residual.device != device
     ):  # fmt: skip
-        return False
-    return type(eps) is float and eps >= 0
+        return 0
+    return n if type(eps) is float and eps >= 0 else 0
 
 
 def _validate(x, weight, bias, eps, residual) -> None:
