@@ -21,6 +21,17 @@ ATOL, RTOL = 2e-5, 1e-4
 BERT_VOCAB = 61
 ENC_LEN = 6
 DECODER_START = 1
+# At transformers' default initializer_range (0.02) a tiny model's attention barely moves its
+# outputs (a wrong mask changes logits by ~1e-5); at 0.2 it moves them by ~1.
+INIT_RANGE = 0.2
+
+
+def _bert_config(**kw):
+    return tiny_bert_config(initializer_range=INIT_RANGE, **kw)
+
+
+def _gpt2_config(**kw):
+    return tiny_gpt2_config(initializer_range=INIT_RANGE, **kw)
 
 
 def _twins(model, reference="sdpa"):
@@ -32,16 +43,16 @@ def _twins(model, reference="sdpa"):
 
 def _decoder_bert(**kw):
     torch.manual_seed(0)
-    return transformers.BertLMHeadModel(tiny_bert_config(is_decoder=True, **kw))
+    return transformers.BertLMHeadModel(_bert_config(is_decoder=True, **kw))
 
 
 def _encoder_decoder(decoder: str):
     torch.manual_seed(0)
     if decoder == "bert":
-        dec = tiny_bert_config(is_decoder=True, add_cross_attention=True)
+        dec = _bert_config(is_decoder=True, add_cross_attention=True)
     else:
-        dec = tiny_gpt2_config(is_decoder=True, add_cross_attention=True, vocab_size=BERT_VOCAB)
-    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(tiny_bert_config(), dec)
+        dec = _gpt2_config(is_decoder=True, add_cross_attention=True, vocab_size=BERT_VOCAB)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(_bert_config(), dec)
     model = transformers.EncoderDecoderModel(config=config)
     model.config.decoder_start_token_id = model.generation_config.decoder_start_token_id = (
         DECODER_START
@@ -136,13 +147,14 @@ def test_decoder_bert_assisted_generate_matches():
     """Assisted decoding: multi-token queries verified over a cache that is cropped back."""
     ref, fast = _twins(_decoder_bert())
     torch.manual_seed(1)
-    assistant = transformers.BertLMHeadModel(tiny_bert_config(is_decoder=True, num_hidden_layers=1))
+    assistant = transformers.BertLMHeadModel(_bert_config(is_decoder=True, num_hidden_layers=1))
     ref_assistant, fast_assistant = _twins(assistant)
     ids = torch.randint(1, BERT_VOCAB, (1, 6))
     with torch.no_grad():
-        got = fast.generate(ids, assistant_model=fast_assistant, max_new_tokens=8, do_sample=False)
-        want = ref.generate(ids, assistant_model=ref_assistant, max_new_tokens=8, do_sample=False)
-    assert torch.equal(got, want)
+        _assert_same_generation(
+            _generate(fast, ids, assistant_model=fast_assistant),
+            _generate(ref, ids, assistant_model=ref_assistant),
+        )
 
 
 # --- cross-attention ------------------------------------------------------------------------
@@ -161,10 +173,10 @@ def test_cross_attention_forward_and_grads_match(fused_calls, arch):
     torch.manual_seed(0)
     if arch == "bert":
         model = transformers.BertLMHeadModel(
-            tiny_bert_config(is_decoder=True, add_cross_attention=True)
+            _bert_config(is_decoder=True, add_cross_attention=True)
         )
     else:
-        model = transformers.GPT2LMHeadModel(tiny_gpt2_config(add_cross_attention=True))
+        model = transformers.GPT2LMHeadModel(_gpt2_config(add_cross_attention=True))
     ref, fast = _twins(model)
     ids, mask = padded_batch(BERT_VOCAB, [8, 6], 8)
     states, enc_mask = _encoder_states(2, 32)
@@ -183,7 +195,7 @@ def test_cross_attention_forward_and_grads_match(fused_calls, arch):
 
 def test_gpt2_cross_attention_generate_matches():
     torch.manual_seed(0)
-    ref, fast = _twins(transformers.GPT2LMHeadModel(tiny_gpt2_config(add_cross_attention=True)))
+    ref, fast = _twins(transformers.GPT2LMHeadModel(_gpt2_config(add_cross_attention=True)))
     ids = torch.randint(1, 97, (2, 5))
     states, enc_mask = _encoder_states(2, 32)
     kw = dict(encoder_hidden_states=states, encoder_attention_mask=enc_mask)
@@ -221,7 +233,7 @@ def test_implementation_switched_after_optimize(fused_calls, impl, decoder):
     (4-D with padding) and serve it exactly, with gradients."""
     torch.manual_seed(0)
     model_class = transformers.BertLMHeadModel if decoder else transformers.BertForMaskedLM
-    ref, fast = _twins(model_class(tiny_bert_config(is_decoder=decoder)), impl)
+    ref, fast = _twins(model_class(_bert_config(is_decoder=decoder)), impl)
     fast.set_attn_implementation(impl)
     ids, mask = padded_batch(BERT_VOCAB, [8, 5], 8)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=_lm_labels(ids, mask))
@@ -237,7 +249,7 @@ def test_implementation_switched_after_optimize(fused_calls, impl, decoder):
 
 @pytest.mark.parametrize("additive", [False, True], ids=["bool", "float"])
 def test_custom_4d_mask(additive):
-    ref, fast = _twins(transformers.BertModel(tiny_bert_config()))
+    ref, fast = _twins(transformers.BertModel(_bert_config()))
     ids = torch.randint(1, BERT_VOCAB, (2, 7))
     allowed = torch.rand(2, 1, 7, 7, generator=torch.Generator().manual_seed(3)) > 0.3
     allowed[..., 0] = True  # every query sees at least one key
@@ -252,7 +264,7 @@ def test_custom_4d_mask(additive):
 
 def test_output_attentions_while_optimized():
     torch.manual_seed(0)
-    ref, fast = _twins(transformers.BertModel(tiny_bert_config()), "eager")
+    ref, fast = _twins(transformers.BertModel(_bert_config()), "eager")
     ids, mask = padded_batch(BERT_VOCAB, [7, 4], 7)
     with torch.no_grad():
         got = fast(ids, attention_mask=mask, output_attentions=True).attentions
@@ -294,7 +306,7 @@ def test_relative_positions_leave_the_backbone_unchanged(fresh_log):
     """transformers < 5 kept relative position scores inside its eager self-attention (the
     layer's ``position_embedding_type``); such a backbone is left to transformers entirely.
     The attribute is set by hand here: transformers 5.x has no such layers."""
-    model = transformers.BertModel(tiny_bert_config()).eval()
+    model = transformers.BertModel(_bert_config()).eval()
     for layer in model.encoder.layer:
         layer.attention.self.position_embedding_type = "relative_key"
     classes, impl = _layer_classes(model), model.config._attn_implementation
@@ -305,9 +317,7 @@ def test_relative_positions_leave_the_backbone_unchanged(fresh_log):
 def test_relative_position_config_is_ignored_as_transformers_does():
     """transformers 5.x reads no position_embedding_type: such a config runs (and is
     optimized) with absolute positions, as un-optimized."""
-    ref, fast = _twins(
-        transformers.BertModel(tiny_bert_config(position_embedding_type="relative_key"))
-    )
+    ref, fast = _twins(transformers.BertModel(_bert_config(position_embedding_type="relative_key")))
     assert type(fast.encoder.layer[0]).__name__ == "FastLMBertLayer"
     ids = torch.randint(1, BERT_VOCAB, (2, 6))
     with torch.no_grad():
@@ -321,7 +331,7 @@ def test_unfusable_layers_are_left_unchanged(fresh_log):
         def forward(self, *args, **kwargs):
             return super().forward(*args, **kwargs) * 0.5
 
-    model = transformers.BertModel(tiny_bert_config(hidden_act="relu")).eval()
+    model = transformers.BertModel(_bert_config(hidden_act="relu")).eval()
     _assert_left_and_logged(fresh_log, model, "activation 'relu'")
     assert type(model.encoder.layer[0]) is bert_layer
     assert type(model.encoder.layer[0].output.LayerNorm).__name__ == "LayerNorm"
@@ -330,7 +340,7 @@ def test_unfusable_layers_are_left_unchanged(fresh_log):
     class CustomNorm(torch.nn.LayerNorm):  # the fastlm layer would call it with residual=
         pass
 
-    model = transformers.BertModel(tiny_bert_config(num_hidden_layers=3)).eval()
+    model = transformers.BertModel(_bert_config(num_hidden_layers=3)).eval()
     model.encoder.layer[1].__class__ = CustomLayer
     model.encoder.layer[2].output.LayerNorm.__class__ = CustomNorm
     _assert_left_and_logged(fresh_log, model, "CustomLayer left to transformers")
@@ -346,7 +356,7 @@ def test_unfusable_layers_are_left_unchanged(fresh_log):
 @pytest.mark.parametrize(
     "make", [
         _decoder_bert,
-        lambda: transformers.GPT2LMHeadModel(tiny_gpt2_config(add_cross_attention=True)),
+        lambda: transformers.GPT2LMHeadModel(_gpt2_config(add_cross_attention=True)),
         lambda: _encoder_decoder("bert"),
         lambda: _encoder_decoder("gpt2"),
     ], ids=["decoder-bert", "gpt2-cross", "bert2bert", "bert2gpt2"],
