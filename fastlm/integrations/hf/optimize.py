@@ -13,20 +13,38 @@ What runs differently while optimized:
 
 * the attention implementation becomes "fastlm" (fastlm.attention with a (B, Sk) padding
   mask, see attention.py); the previous one comes back on revert;
-* LayerNorms become fastlm.nn.LayerNorm (same parameters), and the layers fuse each
-  residual add into the LayerNorm that follows it;
+* LayerNorms become fastlm.nn.LayerNorm (same parameters; called plainly they are
+  nn.LayerNorm), and the layers fuse each residual add into the LayerNorm that follows it;
 * a BERT layer runs its self-attention as fastlm.nn.SelfAttention over its query/key/value
-  and output projections and its FFN as fastlm.nn.GeluFFN (bias + GELU and the residual
-  add fused into the GEMMs); a GPT-2 block runs its MLP as fastlm.nn.GeluFFN and keeps
-  transformers' GPT2Attention (which owns the KV cache of generate()) on the "fastlm"
-  attention implementation. These nn modules wrap the layer's own children; they are kept
-  in the layer's ``_fastlm_parts``, not registered as submodules (that would add
-  state_dict keys).
+  and output projections (causal for a decoder BERT) and its FFN as fastlm.nn.GeluFFN
+  (bias + GELU and the residual add fused into the GEMMs); a GPT-2 block runs its MLP as
+  fastlm.nn.GeluFFN and keeps transformers' GPT2Attention (which owns the KV cache of
+  generate()) on the "fastlm" attention implementation. These nn modules wrap the layer's
+  own children; they are kept in the layer's ``_fastlm_parts``, not registered as submodules
+  (that would add state_dict keys).
 
-Supported: every transformers BertModel (encoder configuration, absolute positions) and
-GPT2Model (no cross-attention) found among the submodules of the given module: the bare
-models, the Bert*/GPT2* task models, and user modules wrapping them. Other configurations
-raise NotImplementedError.
+Per call, a BERT layer hands its self-attention to transformers' own BertAttention (which
+runs on whatever attention implementation is configured, "fastlm" unless the user switched
+it) when fastlm.nn.SelfAttention cannot serve the call: a KV cache (generate, beam search,
+assisted decoding, dynamic or static caches), ``output_attentions``, or a mask other than
+None / (B, S) key padding (the 4-D masks another implementation prepares after
+``set_attn_implementation("eager"/"sdpa")``, user 4-D masks, packed segment ids). Its FFN
+stays fused. Cross-attention (BERT decoders with ``add_cross_attention``, GPT-2 with
+``add_cross_attention``, EncoderDecoderModel) always runs through transformers'
+BertAttention / GPT2Attention on the "fastlm" attention function (Sq != Sk, encoder padding
+mask, cached encoder keys), with the FFN (and in GPT-2 the residual adds into the
+LayerNorms) fused around it. Each such reason is logged once (logger "fastlm", INFO).
+
+Supported: every transformers BertModel and GPT2Model found among the submodules of the
+given module (encoders, decoders, cross-attention; the bare models, all Bert*/GPT2* task
+models, EncoderDecoderModel and user modules wrapping them). What cannot run fused is left
+to transformers unchanged, logged once, never an error: a backbone whose self-attention
+carries relative position embeddings (``position_embedding_type`` on the layers of
+transformers versions that had them; transformers 5.x ignores that config key, and so does
+fastlm), the layers of a model whose activation has no fused GELU kernel (their LayerNorms
+and the attention function are still fastlm's), and any layer or LayerNorm whose class is a
+subclass (its forward may differ), together with a layer whose LayerNorm is left. A module
+containing no BertModel or GPT2Model raises NotImplementedError.
 """
 
 from __future__ import annotations
