@@ -262,17 +262,24 @@ def test_custom_4d_mask(additive):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
-def test_output_attentions_while_optimized():
+@pytest.mark.parametrize("cross", [False, True], ids=["encoder", "cross-attention"])
+def test_output_attentions_while_optimized(cross):
+    """Self- and cross-attention probabilities (Sq != Sk, encoder padding) as eager's."""
     torch.manual_seed(0)
-    ref, fast = _twins(transformers.BertModel(_bert_config()), "eager")
+    config = _bert_config(is_decoder=cross, add_cross_attention=cross)
+    ref, fast = _twins(transformers.BertModel(config), "eager")
     ids, mask = padded_batch(BERT_VOCAB, [7, 4], 7)
+    kw = dict(attention_mask=mask, output_attentions=True)
+    if cross:
+        kw["encoder_hidden_states"], kw["encoder_attention_mask"] = _encoder_states(2, 32)
     with torch.no_grad():
-        got = fast(ids, attention_mask=mask, output_attentions=True).attentions
-        want = ref(ids, attention_mask=mask, output_attentions=True).attentions
-    assert len(got) == len(want) == 2
+        got, want = fast(ids, **kw), ref(ids, **kw)
+    kinds = ("attentions", "cross_attentions") if cross else ("attentions",)
     valid = mask.bool()[:, None, :, None]  # rows of padding queries are not compared
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g * valid, w * valid, atol=ATOL, rtol=RTOL)
+    for kind in kinds:
+        assert len(getattr(got, kind)) == len(getattr(want, kind)) == 2, kind
+        for g, w in zip(getattr(got, kind), getattr(want, kind)):
+            torch.testing.assert_close(g * valid, w * valid, atol=ATOL, rtol=RTOL, msg=kind)
 
 
 # --- what is left to transformers -----------------------------------------------------------
