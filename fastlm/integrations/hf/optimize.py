@@ -214,11 +214,11 @@ class _Swaps:
             return False
         return self.swap(module, nn.LayerNorm, FastLayerNorm)
 
-    def swap_layer(self, layer, expected: type, fast: type, parts, norms: list[nn.Module]) -> None:
-        """Swaps the layer's LayerNorms, then the layer itself when ``parts`` (None: its
-        activation has no fused kernel) and all of its norms could be swapped: the fastlm
-        layer calls them with ``residual=``, which only fastlm's LayerNorm takes."""
-        norms_swapped = all([self.swap_layer_norm(norm) for norm in norms])  # tries every norm
+    def swap_layer(self, layer, expected: type, fast: type, parts, residual_norms) -> None:
+        """Swaps the LayerNorms the fastlm layer calls with ``residual=`` (which only fastlm's
+        LayerNorm takes), then the layer itself when ``parts`` (None: its activation has no
+        fused kernel) and all of those norms could be swapped."""
+        norms_swapped = all([self.swap_layer_norm(n) for n in residual_norms])  # tries each one
         if parts is not None and norms_swapped:
             self.swap(layer, expected, fast, parts)
 
@@ -258,20 +258,21 @@ def _optimize_bert(model: BertModel, swaps: _Swaps) -> bool:
     swaps.swap_layer_norm(model.embeddings.LayerNorm)
     bert_parts = _parts_or_none(_bert_parts, model.config.hidden_act, "BertModel")
     for layer in layers:
-        norms = [layer.attention.output.LayerNorm, layer.output.LayerNorm]
-        if hasattr(layer, "crossattention"):
-            norms.append(layer.crossattention.output.LayerNorm)
-        swaps.swap_layer(layer, BertLayer, FastLMBertLayer, bert_parts, norms)
+        if hasattr(layer, "crossattention"):  # called plainly, by transformers' BertSelfOutput
+            swaps.swap_layer_norm(layer.crossattention.output.LayerNorm)
+        residual_norms = [layer.attention.output.LayerNorm, layer.output.LayerNorm]
+        swaps.swap_layer(layer, BertLayer, FastLMBertLayer, bert_parts, residual_norms)
     return True
 
 
 def _optimize_gpt2(model: GPT2Model, swaps: _Swaps) -> bool:
     gpt2_parts = _parts_or_none(_gpt2_parts, model.config.activation_function, "GPT2Model")
     for block in model.h:
-        norms = [block.ln_1, block.ln_2]
+        swaps.swap_layer_norm(block.ln_1)  # called plainly
+        residual_norms = [block.ln_2]
         if hasattr(block, "ln_cross_attn"):
-            norms.append(block.ln_cross_attn)
-        swaps.swap_layer(block, GPT2Block, FastLMGPT2Block, gpt2_parts, norms)
+            residual_norms.append(block.ln_cross_attn)
+        swaps.swap_layer(block, GPT2Block, FastLMGPT2Block, gpt2_parts, residual_norms)
     swaps.swap_layer_norm(model.ln_f)
     return True
 
