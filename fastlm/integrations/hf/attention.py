@@ -38,12 +38,11 @@ from transformers' output collector, which is what fills ``outputs.attentions``.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch.nn.functional import scaled_dot_product_attention
 
+from fastlm.integrations.hf.log import log_once
 from fastlm.integrations.hf.mask_patterns import (
     cu_seqlens_from_segment_ids,
     packed_segment_ids,
@@ -52,15 +51,9 @@ from fastlm.integrations.hf.mask_patterns import (
 from fastlm.models._base import drop_full_mask, reads_are_free
 from fastlm.ops.attention import attention, attention_varlen
 
-logger = logging.getLogger("fastlm")
-_logged: set[str] = set()
-
 
 def _log_fallback(reason: str) -> None:
-    """Logs each fallback reason once (not while torch.compile traces: it would break the graph)."""
-    if reason not in _logged and not torch.compiler.is_compiling():
-        _logged.add(reason)
-        logger.info("attn_implementation='fastlm': %s", reason)
+    log_once("attn_implementation='fastlm'", reason)
 
 
 def _host_int(value) -> int | None:
@@ -149,7 +142,7 @@ def fastlm_mask(
     )
 
 
-def _attentions_requested() -> bool:
+def attentions_requested() -> bool:
     """Whether transformers is collecting attention probabilities for this forward."""
     try:
         from transformers.utils.output_capturing import _active_collector
@@ -209,7 +202,7 @@ def fastlm_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     dropout = float(dropout)
     mask = attention_mask
-    if _attentions_requested():
+    if attentions_requested():
         _log_fallback("output_attentions: explicit softmax attention for those calls")
         dense = _dense_mask(mask, query.shape[2], key.shape[2], causal, query.device)
         return _explicit_softmax_attention(query, key, value, dense, scaling, dropout)

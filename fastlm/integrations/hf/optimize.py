@@ -13,32 +13,51 @@ What runs differently while optimized:
 
 * the attention implementation becomes "fastlm" (fastlm.attention with a (B, Sk) padding
   mask, see attention.py); the previous one comes back on revert;
-* LayerNorms become fastlm.nn.LayerNorm (same parameters), and the layers fuse each
-  residual add into the LayerNorm that follows it;
+* LayerNorms become fastlm.nn.LayerNorm (same parameters; called plainly they are
+  nn.LayerNorm), and the layers fuse each residual add into the LayerNorm that follows it;
 * a BERT layer runs its self-attention as fastlm.nn.SelfAttention over its query/key/value
-  and output projections and its FFN as fastlm.nn.GeluFFN (bias + GELU and the residual
-  add fused into the GEMMs); a GPT-2 block runs its MLP as fastlm.nn.GeluFFN and keeps
-  transformers' GPT2Attention (which owns the KV cache of generate()) on the "fastlm"
-  attention implementation. These nn modules wrap the layer's own children; they are kept
-  in the layer's ``_fastlm_parts``, not registered as submodules (that would add
-  state_dict keys);
-* on eager CPU, a BERT layer given a padded batch runs on the valid tokens only: it packs
-  them (``unpad_input``), runs attention as ``attention_varlen`` and every GEMM and
-  LayerNorm on the T valid rows, and scatters them back (``pad_input``). Padded positions
-  of its output hold zeros (transformers computes values there that nothing should read:
-  queries at padding); valid positions agree. The pack/scatter is two memory moves per
-  layer against GEMMs that shrink with the padding fraction. On CUDA and under
-  torch.compile, reading the mask to pack would be a sync or a graph break, so the layer
-  attends over the padded batch with the key padding mask instead.
+  and output projections (causal for a decoder BERT) and its FFN as fastlm.nn.GeluFFN
+  (bias + GELU and the residual add fused into the GEMMs); a GPT-2 block runs its MLP as
+  fastlm.nn.GeluFFN and keeps transformers' GPT2Attention (which owns the KV cache of
+  generate()) on the "fastlm" attention implementation. These nn modules wrap the layer's
+  own children; they are kept in the layer's ``_fastlm_parts``, not registered as submodules
+  (that would add state_dict keys);
+* on eager CPU, a BERT layer given a padded batch on its fused path runs on the valid
+  tokens only: it packs them (``unpad_input``), runs attention as ``attention_varlen`` and
+  every GEMM and LayerNorm on the T valid rows, and scatters them back (``pad_input``).
+  Padded positions of its output hold zeros (transformers computes values there that
+  nothing should read: queries at padding); valid positions agree. The pack/scatter is
+  two memory moves per layer against GEMMs that shrink with the padding fraction. On CUDA
+  and under torch.compile, reading the mask to pack would be a sync or a graph break, so
+  the layer attends over the padded batch with the key padding mask instead.
 
-Supported: every transformers BertModel (encoder configuration, absolute positions) and
-GPT2Model (no cross-attention) found among the submodules of the given module: the bare
-models, the Bert*/GPT2* task models, and user modules wrapping them. Other configurations
-raise NotImplementedError.
+Per call, a BERT layer hands its self-attention to transformers' own BertAttention (which
+runs on whatever attention implementation is configured, "fastlm" unless the user switched
+it) when fastlm.nn.SelfAttention cannot serve the call: a KV cache (generate, beam search,
+assisted decoding, dynamic or static caches), ``output_attentions``, or a mask other than
+None / (B, S) key padding (the 4-D masks another implementation prepares after
+``set_attn_implementation("eager"/"sdpa")``, user 4-D masks, packed segment ids). Its FFN
+stays fused. Cross-attention (BERT decoders with ``add_cross_attention``, GPT-2 with
+``add_cross_attention``, EncoderDecoderModel) always runs through transformers'
+BertAttention / GPT2Attention on the "fastlm" attention function (Sq != Sk, encoder padding
+mask, cached encoder keys), with the FFN (and in GPT-2 the residual adds into the
+LayerNorms) fused around it. Each such reason is logged once (logger "fastlm", INFO).
+
+Supported: every transformers BertModel and GPT2Model found among the submodules of the
+given module (encoders, decoders, cross-attention; the bare models, all Bert*/GPT2* task
+models, EncoderDecoderModel and user modules wrapping them). What cannot run fused is left
+to transformers unchanged, logged once, never an error: a backbone whose self-attention
+carries relative position embeddings (``position_embedding_type`` on the layers of
+transformers versions that had them; transformers 5.x ignores that config key, and so does
+fastlm), the layers of a model whose activation has no fused GELU kernel (their LayerNorms
+and the attention function are still fastlm's), and any layer or LayerNorm whose class is a
+subclass (its forward may differ), together with a layer whose LayerNorm is left. A module
+containing no BertModel or GPT2Model raises NotImplementedError.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -51,6 +70,8 @@ require_transformers("fastlm.optimize")
 from transformers.models.bert.modeling_bert import BertLayer, BertModel  # noqa: E402
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2Model  # noqa: E402
 
+from fastlm.integrations.hf.attention import attentions_requested  # noqa: E402
+from fastlm.integrations.hf.log import log_once  # noqa: E402
 from fastlm.models.bert import skips_padding  # noqa: E402
 from fastlm.models.config import gelu_approximate  # noqa: E402
 from fastlm.nn import GeluFFN, SelfAttention  # noqa: E402
@@ -84,27 +105,65 @@ class FastLMBertLayer(_FastLayer, BertLayer):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, **kwargs):  # fmt: skip
-        if encoder_hidden_states is not None or _cache_in(kwargs):
-            raise NotImplementedError(
-                "fastlm.optimize: BERT cross-attention / KV caches are not supported"
-            )
-        if _skips_padding(attention_mask):
+        # The cache stays in kwargs under the name the encoder used (transformers renamed it
+        # past_key_values -> cache), so transformers' modules below receive it unchanged.
+        cross = encoder_hidden_states is not None and self.is_decoder
+        if cross and not hasattr(self, "crossattention"):
+            return super().forward(  # transformers' own error for this misuse
+                hidden_states, attention_mask, encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, **kwargs,
+            )  # fmt: skip
+        unfused = _unfused_self_attention_reason(attention_mask, kwargs)
+        if unfused is None and not cross and _skips_padding(attention_mask):
             batch, seq = attention_mask.shape
             tokens, where, cu_seqlens, max_seqlen = unpad_input(hidden_states, attention_mask)
-            out = self._encode(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            return pad_input(out, where, batch, seq)
-        return self._encode(hidden_states, attention_mask)
+            x = self._fused_self_attention(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return pad_input(self._fused_ffn(x), where, batch, seq)
+        if unfused is None:
+            x = self._fused_self_attention(hidden_states, attention_mask)
+        else:
+            log_once(
+                "fastlm.optimize",
+                f"BERT self-attention through transformers' modules for {unfused}",
+            )
+            x, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        if cross:  # transformers' BertCrossAttention (on the "fastlm" attention function)
+            x, _ = self.crossattention(
+                x, None, encoder_hidden_states, encoder_attention_mask, **kwargs
+            )
+        return self._fused_ffn(x)
 
-    def _encode(self, x, key_padding_mask=None, **packed):
-        """The post-LN layer over a padded (B, S, H) batch with its key padding mask, or over
-        packed (T, H) tokens with ``cu_seqlens``/``max_seqlen``."""
-        parts: _Parts = self.__dict__[_PARTS]
-        so, out = self.attention.output, self.output
-        a = parts.attention(x, key_padding_mask, **packed)  # includes so.dense
-        x, _ = so.LayerNorm(so.dropout(a), residual=x)
+    def _fused_self_attention(self, x, key_padding_mask=None, **packed):
+        """LN(x + dropout(attention(x))) over a padded (B, S, H) batch with its key padding
+        mask, or over packed (T, H) tokens with ``cu_seqlens``/``max_seqlen``."""
+        so = self.attention.output
+        a = self.__dict__[_PARTS].attention(x, key_padding_mask, **packed)  # includes so.dense
+        return so.LayerNorm(so.dropout(a), residual=x)[0]
+
+    def _fused_ffn(self, x):
+        """LN(x + FFN(x)), the residual add in the second GEMM's epilogue."""
+        ffn, out = self.__dict__[_PARTS].ffn, self.output
         if self.training and out.dropout.p > 0:  # dropout sits between fc2 and the residual add
-            return out.LayerNorm(out.dropout(parts.ffn(x)), residual=x)[0]
-        return out.LayerNorm(parts.ffn(x, residual=x))
+            return out.LayerNorm(out.dropout(ffn(x)), residual=x)[0]
+        return out.LayerNorm(ffn(x, residual=x))
+
+
+def _unfused_self_attention_reason(attention_mask, kwargs: dict) -> str | None:
+    """Why fastlm.nn.SelfAttention cannot serve this call (None when it can): it takes no KV
+    cache, returns no probabilities, and masks only by key padding; a 4-D mask (another
+    attention implementation's, or the user's), packed segment ids or a BlockMask go to
+    transformers' BertSelfAttention, which hands them to the configured attention function."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "calls with a KV cache"
+    if attentions_requested():
+        return "output_attentions"
+    if attention_mask is None or (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+        and attention_mask.dtype == torch.bool
+    ):
+        return None
+    return "masks other than key padding (4-D, packed segment ids, block masks)"
 
 
 class FastLMGPT2Block(_FastLayer, GPT2Block):
@@ -112,13 +171,24 @@ class FastLMGPT2Block(_FastLayer, GPT2Block):
 
     def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, use_cache=False, **kwargs):  # fmt: skip
-        if encoder_hidden_states is not None:
-            raise NotImplementedError("fastlm.optimize: GPT-2 cross-attention is not supported")
+        cross = encoder_hidden_states is not None
+        if cross and not hasattr(self, "crossattention"):
+            return super().forward(  # transformers' own error for this misuse
+                hidden_states, cache, attention_mask, encoder_hidden_states,
+                encoder_attention_mask, use_cache, **kwargs,
+            )  # fmt: skip
         # The cache goes positionally: transformers renamed that argument (past_key_values -> cache).
         a, _ = self.attn(
             self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache,
             **kwargs,
         )  # fmt: skip
+        if cross:  # transformers' GPT2Attention (on the "fastlm" attention function)
+            x, r = self.ln_cross_attn(a, residual=hidden_states)
+            a, _ = self.crossattention(
+                x, cache, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+            )  # fmt: skip
+            hidden_states = r
         x, r = self.ln_2(a, residual=hidden_states)
         return r + self.mlp.dropout(self.__dict__[_PARTS].ffn(x))
 
@@ -130,15 +200,11 @@ def _skips_padding(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.dim() == 2 and skips_padding(mask)
 
 
-def _cache_in(kwargs: dict) -> bool:
-    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-
-
 def _bert_parts(layer: BertLayer, approximate: str) -> _Parts:
     sa = layer.attention.self
     attention = SelfAttention.from_linears(
         (sa.query, sa.key, sa.value), layer.attention.output.dense, sa.num_attention_heads,
-        dropout=sa.dropout.p, softmax_scale=sa.scaling,
+        causal=bool(sa.is_causal), dropout=sa.dropout.p, softmax_scale=sa.scaling,
     )  # fmt: skip
     attention.train(layer.training)
     ffn = GeluFFN.from_linears(layer.intermediate.dense, layer.output.dense, approximate)
@@ -150,21 +216,41 @@ def _gpt2_parts(block: GPT2Block, approximate: str) -> _Parts:
 
 
 class _Swaps:
-    """The class changes made so far, to undo in reverse order."""
+    """The class changes made so far, to undo in reverse order. A module that is not exactly
+    the expected transformers/torch class (a subclass may override forward, which fastlm
+    would silently drop) is left as it is, logged once."""
 
     def __init__(self) -> None:
         self.done: list[tuple[nn.Module, type]] = []
 
-    def swap(self, module: nn.Module, expected: type, fast: type, parts: _Parts | None = None):
+    def swap(self, module: nn.Module, expected: type, fast: type, parts=None) -> bool:
+        """Swaps ``module`` to ``fast``; False (nothing changed) when it is not an ``expected``.
+        ``parts``: ``module -> _Parts``, the fastlm modules it runs (built only when swapping)."""
         if type(module) is not expected:
-            raise NotImplementedError(
-                f"fastlm.optimize: expected a {expected.__name__}, got {type(module).__name__} "
-                "(a subclass may override forward; fastlm would silently drop that)"
+            _leave(
+                type(module).__name__,
+                f"it is not a {expected.__name__} (a subclass may override forward)",
             )
+            return False
         if parts is not None:
-            module.__dict__[_PARTS] = parts
+            module.__dict__[_PARTS] = parts(module)
         self.done.append((module, expected))
         module.__class__ = fast
+        return True
+
+    def swap_layer_norm(self, module: nn.Module) -> bool:
+        if len(getattr(module, "normalized_shape", ())) != 1:
+            _leave(type(module).__name__, "it normalizes more than the last dimension")
+            return False
+        return self.swap(module, nn.LayerNorm, FastLayerNorm)
+
+    def swap_layer(self, layer, expected: type, fast: type, parts, residual_norms) -> None:
+        """Swaps the LayerNorms the fastlm layer calls with ``residual=`` (which only fastlm's
+        LayerNorm takes), then the layer itself when ``parts`` (None: its activation has no
+        fused kernel) and all of those norms could be swapped."""
+        norms_swapped = all([self.swap_layer_norm(n) for n in residual_norms])  # tries each one
+        if parts is not None and norms_swapped:
+            self.swap(layer, expected, fast, parts)
 
     def undo(self) -> None:
         for module, original in reversed(self.done):
@@ -172,30 +258,53 @@ class _Swaps:
             module.__dict__.pop(_PARTS, None)
 
 
-def _optimize_bert(model: BertModel, swaps: _Swaps) -> None:
-    cfg = model.config
-    if cfg.is_decoder or cfg.add_cross_attention or getattr(cfg, "position_embedding_type", "absolute") != "absolute":  # fmt: skip
-        raise NotImplementedError(
-            "fastlm.optimize: only encoder BERT with absolute positions is supported"
+def _leave(what: str, why: str) -> None:
+    log_once("fastlm.optimize", f"{what} left to transformers: {why}")
+
+
+def _parts_or_none(make_parts, act, model: str):
+    """``layer -> _Parts`` for the model's activation (a name, or a callable, which fastlm
+    cannot see into), or None (logged) when GeluFFN has no kernel for it: those layers are
+    left to transformers."""
+    try:
+        return partial(make_parts, approximate=gelu_approximate(act, model))
+    except NotImplementedError as exc:
+        _leave(f"{model} layers", str(exc))
+        return None
+
+
+def _optimize_bert(model: BertModel, swaps: _Swaps) -> bool:
+    layers = model.encoder.layer
+    # transformers < 5 computed relative position scores (position_embedding_type
+    # "relative_key"/"relative_key_query") inside its eager self-attention; a layer that has
+    # them cannot run on any registered attention function.
+    positions = {getattr(la.attention.self, "position_embedding_type", "absolute") for la in layers}
+    if positions - {"absolute"}:
+        _leave(
+            type(model).__name__,
+            f"position_embedding_type {sorted(positions)} (only absolute runs fused)",
         )
-    approximate = gelu_approximate(cfg.hidden_act, "BertModel")
-    swaps.swap(model.embeddings.LayerNorm, nn.LayerNorm, FastLayerNorm)
-    for layer in model.encoder.layer:
-        swaps.swap(layer, BertLayer, FastLMBertLayer, _bert_parts(layer, approximate))
-        swaps.swap(layer.attention.output.LayerNorm, nn.LayerNorm, FastLayerNorm)
-        swaps.swap(layer.output.LayerNorm, nn.LayerNorm, FastLayerNorm)
+        return False
+    swaps.swap_layer_norm(model.embeddings.LayerNorm)
+    bert_parts = _parts_or_none(_bert_parts, model.config.hidden_act, "BertModel")
+    for layer in layers:
+        if hasattr(layer, "crossattention"):  # called plainly, by transformers' BertSelfOutput
+            swaps.swap_layer_norm(layer.crossattention.output.LayerNorm)
+        residual_norms = [layer.attention.output.LayerNorm, layer.output.LayerNorm]
+        swaps.swap_layer(layer, BertLayer, FastLMBertLayer, bert_parts, residual_norms)
+    return True
 
 
-def _optimize_gpt2(model: GPT2Model, swaps: _Swaps) -> None:
-    cfg = model.config
-    if cfg.add_cross_attention:
-        raise NotImplementedError("fastlm.optimize: GPT-2 with cross-attention is not supported")
-    approximate = gelu_approximate(cfg.activation_function, "GPT2Model")
+def _optimize_gpt2(model: GPT2Model, swaps: _Swaps) -> bool:
+    gpt2_parts = _parts_or_none(_gpt2_parts, model.config.activation_function, "GPT2Model")
     for block in model.h:
-        swaps.swap(block, GPT2Block, FastLMGPT2Block, _gpt2_parts(block, approximate))
-        swaps.swap(block.ln_1, nn.LayerNorm, FastLayerNorm)
-        swaps.swap(block.ln_2, nn.LayerNorm, FastLayerNorm)
-    swaps.swap(model.ln_f, nn.LayerNorm, FastLayerNorm)
+        swaps.swap_layer_norm(block.ln_1)  # called plainly
+        residual_norms = [block.ln_2]
+        if hasattr(block, "ln_cross_attn"):
+            residual_norms.append(block.ln_cross_attn)
+        swaps.swap_layer(block, GPT2Block, FastLMGPT2Block, gpt2_parts, residual_norms)
+    swaps.swap_layer_norm(model.ln_f)
+    return True
 
 
 def optimize(model: nn.Module) -> nn.Module:
@@ -217,13 +326,15 @@ def optimize(model: nn.Module) -> nn.Module:
         )
     swaps = _Swaps()
     try:
-        for backbone in backbones:
-            (_optimize_bert if isinstance(backbone, BertModel) else _optimize_gpt2)(backbone, swaps)
+        served = [
+            b for b in backbones
+            if (_optimize_bert if isinstance(b, BertModel) else _optimize_gpt2)(b, swaps)
+        ]  # fmt: skip
     except BaseException:
         swaps.undo()  # all or nothing
         raise
-    previous = [(b, b.config._attn_implementation) for b in backbones]
-    for backbone in backbones:
+    previous = [(b, b.config._attn_implementation) for b in served]
+    for backbone in served:
         backbone.set_attn_implementation("fastlm")
     object.__setattr__(model, _STATE, (swaps, previous))
     return model
