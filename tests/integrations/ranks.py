@@ -53,11 +53,13 @@ def run_ranks(fn: Callable[[int, int], Any], workdir: Path, world_size: int = 2,
         for rank, p in enumerate(procs)
         if p.exitcode != 0 and rank not in hung
     ]
-    if hung or errors:
-        raise RuntimeError(
-            f"{world_size} ranks: hung past {timeout:.0f} s: {hung or 'none'}\n" + "\n".join(errors)
-        )
-    return [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    if hung:
+        errors.insert(0, f"ranks {hung} did not finish in {timeout:.0f} s and were killed")
+    if errors:
+        raise RuntimeError(f"{world_size} ranks:\n" + "\n".join(errors))
+    return [
+        torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)
+    ]
 
 
 def _rank_main(fn, rank: int, world_size: int, workdir: str) -> None:

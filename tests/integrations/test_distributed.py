@@ -13,6 +13,7 @@ after 3 SGD-with-momentum steps. fp32, dropout 0.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,8 +103,10 @@ def _train(model: nn.Module, params: nn.Module, batch: dict) -> dict:
         loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
-        if step == 0:
-            record["grad"] = {n: _full(p.grad) for n, p in params.named_parameters()}
+        if step == 0:  # None: no gradient reached that parameter
+            record["grad"] = {
+                n: None if p.grad is None else _full(p.grad) for n, p in params.named_parameters()
+            }
         opt.step()
         record["loss"].append(loss.detach().clone())
     record["param"] = {n: _full(p) for n, p in params.named_parameters()}
@@ -143,6 +146,43 @@ def test_two_ranks_train_as_one_process(tmp_path, name, wrapper):
         for kind in ("grad", "param"):
             assert got[kind].keys() == want[kind].keys()
             for n, t in got[kind].items():
+                assert t is not None, f"rank {rank}: no gradient reached {n}"
                 torch.testing.assert_close(
                     t, want[kind][n], **tight, msg=lambda m, r=rank, k=kind, n=n: f"rank {r} {k} {n}: {m}"
                 )  # fmt: skip
+
+
+def _logits_after_hidden_write(rank: int, world: int) -> torch.Tensor:
+    """fastlm BERT's fused-QKV cache against the write FSDP2 makes before every forward: new
+    values in the same parameter, same storage, version counter preserved."""
+    case = CASES["fastlm-bert"]
+    model, batch = case.build().eval(), case.batch()
+    with torch.no_grad():
+        model(**batch)  # an inference forward derives (and may cache) the fused QKV weight
+        w = model.bert.encoder.layer[0].attention.self.value.weight
+        with torch.autograd._unsafe_preserve_version_counter(w):
+            w.mul_(-2.0)
+        return model(**batch).logits
+
+
+def test_fused_qkv_weight_is_rederived_under_a_process_group(tmp_path):
+    case = CASES["fastlm-bert"]
+    want = case.build().eval()
+    with torch.no_grad():
+        want.bert.encoder.layer[0].attention.self.value.weight.mul_(-2.0)
+        want = want(**case.batch()).logits
+    (got,) = run_ranks(_logits_after_hidden_write, tmp_path, world_size=1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def _rank_1_hangs(rank: int, world: int) -> int:
+    if rank == 1:
+        time.sleep(600)
+    return rank
+
+
+def test_a_hung_rank_fails_the_test_and_is_killed(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] did not finish in 3 s"):
+        run_ranks(_rank_1_hangs, tmp_path, WORLD, timeout=3)
+    assert time.monotonic() - start < 30
