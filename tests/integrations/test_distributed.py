@@ -125,9 +125,20 @@ def _rank_train(case: Case, wrapper: str, rank: int, world: int) -> dict:
     return _train(model, model, batch)
 
 
+@pytest.fixture
+def backend(request):
+    """fastlm's backend for the single process and the ranks (forked: they inherit it)."""
+    fastlm.set_backend(request.param)
+    yield request.param
+    fastlm.set_backend(None)
+
+
+# auto: PyTorch's composite ops (the CPU default); reference: fastlm's torch.library custom
+# ops with their registered autograd, under DDP's hooks and FSDP2's gathered parameters.
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"], indirect=True)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_two_ranks_train_as_one_process(tmp_path, name, wrapper):
+def test_two_ranks_train_as_one_process(tmp_path, name, wrapper, backend):
     case = CASES[name]
     single = case.build()
     want = _train(single, single, case.batch())
