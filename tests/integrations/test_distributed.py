@@ -203,3 +203,18 @@ def test_a_hung_rank_fails_the_test_and_is_killed(tmp_path):
     with pytest.raises(RuntimeError, match=r"ranks \[1\] did not finish in 3 s"):
         run_ranks(_rank_1_hangs, tmp_path, WORLD, timeout=3)
     assert time.monotonic() - start < 30
+
+
+def _revert_after_fully_shard(rank: int, world: int) -> str:
+    model = CASES["hf-bert-optimized"].build()
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    with pytest.raises(NotImplementedError, match="FSDPFastLMBertLayer"):
+        fastlm.revert(model)
+    return type(model.bert.encoder.layer[0]).__name__
+
+
+def test_revert_refuses_layers_fully_shard_wrapped(tmp_path):
+    # Setting the class back would drop FSDP2's FSDP<class> (its unshard/reshard methods).
+    (kept,) = run_ranks(_revert_after_fully_shard, tmp_path, world_size=1)
+    assert kept == "FSDPFastLMBertLayer"
