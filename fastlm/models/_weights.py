@@ -11,6 +11,12 @@ load_state_dict's copy_, ``.data`` edits through torch ops).
 When autograd is recording and a source requires grad (training), the derivation is
 recomputed every call so gradients flow back to the HF-named parameters; its cost is one
 weight-sized copy, small next to the activation GEMM it feeds. Correctness first.
+
+Under an initialized torch.distributed process group nothing is cached either: FSDP2
+(``fully_shard``) gathers the updated shards into the *same* unsharded parameter before each
+forward and hides that write from the version counter on purpose
+(``torch.autograd._unsafe_preserve_version_counter`` in torch/distributed/fsdp/_fully_shard),
+so only the storage address could reveal it, and an allocator may hand the same address back.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ def _key(ts: Sequence[torch.Tensor | None]) -> tuple:
     )
 
 
+def _writes_may_be_hidden() -> bool:
+    """Whether parameters may be rewritten in place without a version bump: under a
+    process group, where FSDP2 and other parameter-sharding wrappers run (module docstring)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class DerivedWeight:
     """``DerivedWeight(fn)(*sources)`` returns ``fn(*sources)``, cached while sources are unchanged
     and no gradient is being recorded for them. Not a buffer: never in state_dict."""
@@ -41,7 +53,9 @@ class DerivedWeight:
             # Traced into the graph: the cache's identity/version key is host state dynamo
             # would guard on (a recompile per weight update) and the graph recomputes it anyway.
             return self.fn(*sources)
-        if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
+        if _writes_may_be_hidden() or (
+            torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources)
+        ):
             self._key = self._value = None  # do not pin memory of a stale inference copy
             return self.fn(*sources)
         key = _key(sources)

@@ -2,13 +2,18 @@
 
 Pre-LN blocks with both residual adds fused into the next LayerNorm, embed size E, n heads:
 
-    r  = wte[ids] + wpe[pos];  x = LN1_0(r)                         residual stream r (B, S, E)
-    per block i:
+    r  = wte[ids] + wpe[pos];  m = none                             residual stream r (B, S, E)
+    per block i (GPT2Block.forward(r, m): its own parameters only):
+        x, r  = LN1_i(m, residual=r)      (block 0: x = LN1_0(r))   r <- r + previous MLP output
         q|k|v = x @ Wc_attn + b           (Conv1D weight is (E, 3E)) one GEMM, strided views
         a     = attention(q, k, v, causal, key_padding_mask)        or attention_with_kvcache
         x, r  = LN2_i(a @ Wc_proj + b, residual=r)                  r <- r + attn; x = LN2(r)
         m     = W2 gelu_tanh(W1 x + b1) + b2                        gelu_ffn (gelu_new)
-        x, r  = LN1_{i+1}(m, residual=r)   (ln_f after the last block)
+    x  = ln_f(m, residual=r)
+
+Each block's parameters are used only inside that block's forward, so wrappers that act
+per block (FSDP2's fully_shard gathers a block's parameters around its forward; activation
+checkpointing; hooks) see every use.
 
 The LM head is tied: ``lm_head.weight is transformer.wte.weight``.
 
@@ -141,6 +146,15 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config.inner_dim, config)
 
+    def forward(self, r, m, mask, cache, order, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r``: the residual stream before the previous block's MLP output ``m`` is added
+        (``m`` None in the first block, where ``r`` is the embeddings). Returns this block's
+        (r, m) alike: its MLP output is added in the next LayerNorm, fused."""
+        x, r = (self.ln_1(r), r) if m is None else self.ln_1(m, residual=r)
+        a = self.attn(x, mask, cache, order, backend)
+        x, r = self.ln_2(a, residual=r)
+        return r, self.mlp(x, backend)
+
 
 class GPT2Model(FastLMPreTrained):
     """Drop-in for transformers' GPT2Model."""
@@ -193,15 +207,12 @@ class GPT2Model(FastLMPreTrained):
         # transformers' hidden_states: the embeddings, the residual stream after each block
         # but the last, and ln_f of the last (L + 1 tensors).
         states = [r] if output_hidden_states else None
-        x = self.h[0].ln_1(r) if len(self.h) else self.ln_f(r)
-        for i, block in enumerate(self.h):
-            a = block.attn(x, mask, cache, order, backend)
-            x, r = block.ln_2(a, residual=r)
-            m = block.mlp(x, backend)
-            nxt = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, r = nxt(m, residual=r)
-            if output_hidden_states and i + 1 < len(self.h):
-                states.append(r)
+        m = None
+        for block in self.h:
+            if output_hidden_states and m is not None:
+                states.append(r + m)  # the sum the block's fused ln_1 forms again
+            r, m = block(r, m, mask, cache, order, backend)
+        x = self.ln_f(r) if m is None else self.ln_f(m, residual=r)[0]
         if output_hidden_states:
             states.append(x)
         return x, states

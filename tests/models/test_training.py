@@ -1,14 +1,10 @@
-"""Training: loss parity with transformers over AdamW steps (dropout off), dropout honoured,
-and a 2-rank DistributedDataParallel smoke test on CPU (gloo)."""
+"""Training: loss parity with transformers over AdamW steps (dropout off), dropout honoured.
+Distributed training (DDP, FSDP2): tests/integrations/test_distributed.py."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastlm.models as fm
 from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
@@ -57,49 +53,3 @@ def test_dropout_active_in_train_off_in_eval():
     ours.eval()
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, ours(ids).logits)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, state, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))  # fmt: skip
-    try:
-        torch.manual_seed(rank)
-        model = fm.GPT2LMHeadModel(fm.GPT2Config(**state["config"]))
-        model.load_state_dict(state["weights"])
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        ids = torch.randint(0, 97, (2, 6))  # different data per rank
-        ddp(ids, labels=ids).loss.backward()
-        opt.step()
-        results[rank] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_two_ranks_one_step_identical_weights():
-    cfg = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
-    model = fm.GPT2LMHeadModel(fm.GPT2Config(**cfg))
-    state = {"config": cfg, "weights": model.state_dict()}
-    with mp.Manager() as manager:
-        results = manager.dict()
-        ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), state, results), nprocs=2, join=False,
-                                 start_method="spawn")  # fmt: skip
-        deadline = 120
-        import time
-
-        t0 = time.time()
-        while not ctx.join(timeout=5):
-            if time.time() - t0 > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail("DDP workers did not finish in time")
-        r0, r1 = results[0], results[1]
-    assert any(not torch.equal(r0[k], state["weights"][k]) for k in r0)  # the step changed weights
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k

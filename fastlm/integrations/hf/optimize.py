@@ -349,8 +349,22 @@ def revert(model: nn.Module) -> nn.Module:
             f"fastlm.revert: {type(model).__name__} was not optimized by fastlm.optimize"
         )
     swaps, previous = state
+    _check_not_reclassed(swaps)
     swaps.undo()
     for backbone, impl in previous:
         backbone.set_attn_implementation(impl)
     object.__delattr__(model, _STATE)
     return model
+
+
+def _check_not_reclassed(swaps: _Swaps) -> None:
+    """revert() sets each swapped module's class back. A wrapper that changed the class since
+    (FSDP2's ``fully_shard`` makes an ``FSDP<class>`` subclass of it) would lose its own class
+    silently, so that is refused, with nothing undone."""
+    for module, _ in swaps.done:
+        if not type(module).__module__.startswith("fastlm."):
+            raise NotImplementedError(
+                f"fastlm.revert: a module optimize() swapped is now a {type(module).__name__} "
+                "(re-classed by a wrapper such as FSDP2's fully_shard); reverting would drop "
+                "that class. Revert before wrapping the model."
+            )
