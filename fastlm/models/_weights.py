@@ -33,7 +33,7 @@ def _key(ts: Sequence[torch.Tensor | None]) -> tuple:
     )
 
 
-def _writes_may_be_hidden() -> bool:
+def writes_may_be_hidden() -> bool:
     """Whether parameters may be rewritten in place without a version bump: under a
     process group, where FSDP2 and other parameter-sharding wrappers run (module docstring)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -53,7 +53,7 @@ class DerivedWeight:
             # Traced into the graph: the cache's identity/version key is host state dynamo
             # would guard on (a recompile per weight update) and the graph recomputes it anyway.
             return self.fn(*sources)
-        if _writes_may_be_hidden() or (
+        if writes_may_be_hidden() or (
             torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources)
         ):
             self._key = self._value = None  # do not pin memory of a stale inference copy

@@ -247,64 +247,70 @@ def generate(
     if max_new == 0:
         return _result(gc, input_ids, scores_out, streamer)
 
-    cache = model.new_cache(bsz, seq + max_new)
-    if mask is None:
-        pos = torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq)
-    else:
-        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = model(
-        input_ids, past_key_values=cache, attention_mask=mask, position_ids=pos, logits_to_keep=1
-    ).logits[:, -1]
-    if gc.num_beams > 1:
-        # transformers' fill value for beams shorter than the longest: (pad or eos[0]).
-        fill = (gc.pad_token_id or eos[0]) if eos else -1
-        out = beam_search(model, input_ids, mask, cache, logits, gc,
-                          lambda s, t, v, step: _process(gc, s, t, v, step, min_new, eos_ids),
-                          max_new, fill)  # fmt: skip
-        return _result(gc, out, scores_out, streamer)
-    # Preallocated outputs: a step writes its column instead of growing tensors.
-    width = seq + max_new
-    tokens = torch.full((bsz, width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    tokens[:, :seq] = input_ids
-    valid = torch.ones(bsz, width, dtype=torch.bool, device=input_ids.device)
-    if mask is not None:
-        valid[:, :seq] = mask
-    done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-    # Steps each row ran until it finished (max_new while it runs): the output's width.
-    ran = torch.full((bsz,), max_new, dtype=torch.long, device=input_ids.device)
-    step_model = decode_step(model, cache, use_cuda_graph)
-    # Whether every row finished is a host read; it runs every EOS_CHECK_EVERY steps (every
-    # step with a streamer, which must not see tokens past the end).
-    check_every = 1 if streamer is not None else EOS_CHECK_EVERY
-    stops = bool(eos) or bool(stopping_criteria)
-    for step in range(max_new):
-        length = seq + step
-        scores = _process(gc, logits.float(), tokens[:, :length], valid[:, :length], step,
-                          min_new, eos_ids)  # fmt: skip
-        if gc.do_sample:
-            scores = top_k_top_p(scores, gc.temperature, gc.top_k, gc.top_p)
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    # CPU: the block weights row-major while decoding (GPT2LMHeadModel.decoding_weights).
+    with model.decoding_weights(max_new):
+        cache = model.new_cache(bsz, seq + max_new)
+        if mask is None:
+            pos = torch.arange(seq, device=input_ids.device)[None].expand(bsz, seq)
         else:
-            nxt = scores.argmax(-1)
-        if gc.output_scores:
-            scores_out.append(scores.clone())  # logits may be a graph's reused buffer
-        nxt = nxt.masked_fill(done, pad)
-        tokens[:, length] = nxt
-        if streamer is not None:
-            streamer.put(nxt.cpu())
-        if eos:
-            done = done | torch.isin(nxt, eos_ids)
-        if stopping_criteria:
-            done = done | _stop_requested(stopping_criteria, tokens[:, : length + 1], scores)
-        if stops:
-            ran = torch.where(done, ran.clamp(max=step + 1), ran)
-            if (step + 1) % check_every == 0 and bool(done.all()):
-                break
-        if step + 1 < max_new:
-            logits = step_model(nxt)
-    # Steps past the last row's end only appended padding: cut them (one host read).
-    n = int(ran.max()) if stops else max_new
-    return _result(gc, tokens[:, : seq + n], scores_out[:n], streamer)
+            pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        logits = model(
+            input_ids,
+            past_key_values=cache,
+            attention_mask=mask,
+            position_ids=pos,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        if gc.num_beams > 1:
+            # transformers' fill value for beams shorter than the longest: (pad or eos[0]).
+            fill = (gc.pad_token_id or eos[0]) if eos else -1
+            out = beam_search(model, input_ids, mask, cache, logits, gc,
+                              lambda s, t, v, step: _process(gc, s, t, v, step, min_new, eos_ids),
+                              max_new, fill)  # fmt: skip
+            return _result(gc, out, scores_out, streamer)
+        # Preallocated outputs: a step writes its column instead of growing tensors.
+        width = seq + max_new
+        tokens = torch.full((bsz, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        tokens[:, :seq] = input_ids
+        valid = torch.ones(bsz, width, dtype=torch.bool, device=input_ids.device)
+        if mask is not None:
+            valid[:, :seq] = mask
+        done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
+        # Steps each row ran until it finished (max_new while it runs): the output's width.
+        ran = torch.full((bsz,), max_new, dtype=torch.long, device=input_ids.device)
+        step_model = decode_step(model, cache, use_cuda_graph)
+        # Whether every row finished is a host read; it runs every EOS_CHECK_EVERY steps (every
+        # step with a streamer, which must not see tokens past the end).
+        check_every = 1 if streamer is not None else EOS_CHECK_EVERY
+        stops = bool(eos) or bool(stopping_criteria)
+        for step in range(max_new):
+            length = seq + step
+            scores = _process(gc, logits.float(), tokens[:, :length], valid[:, :length], step,
+                              min_new, eos_ids)  # fmt: skip
+            if gc.do_sample:
+                scores = top_k_top_p(scores, gc.temperature, gc.top_k, gc.top_p)
+                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
+            if gc.output_scores:
+                scores_out.append(scores.clone())  # logits may be a graph's reused buffer
+            nxt = nxt.masked_fill(done, pad)
+            tokens[:, length] = nxt
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos:
+                done = done | torch.isin(nxt, eos_ids)
+            if stopping_criteria:
+                done = done | _stop_requested(stopping_criteria, tokens[:, : length + 1], scores)
+            if stops:
+                ran = torch.where(done, ran.clamp(max=step + 1), ran)
+                if (step + 1) % check_every == 0 and bool(done.all()):
+                    break
+            if step + 1 < max_new:
+                logits = step_model(nxt)
+        # Steps past the last row's end only appended padding: cut them (one host read).
+        n = int(ran.max()) if stops else max_new
+        return _result(gc, tokens[:, : seq + n], scores_out[:n], streamer)
 
 
 def _result(gc: GenerationConfig, tokens, scores, streamer):

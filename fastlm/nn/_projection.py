@@ -11,12 +11,15 @@ def weight_and_bias(
     module: nn.Module, owner: str, name: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight as (out, in), bias) of ``module``. A Conv1D stores its weight (in, out): its
-    transpose is a strided view that F.linear and the fused kernels read in place (no copy).
+    transpose is a strided view that F.linear and the fused kernels read in place (no copy);
+    fastlm's GPT-2 Conv1D hands its row-major copy instead while generate holds one.
     ``owner`` and ``name`` only make the error message."""
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t(), module.bias
+        # fastlm's own Conv1D may hold a row-major copy for CPU decoding (linear_weight).
+        oriented = getattr(module, "linear_weight", None)
+        return (module.weight.t() if oriented is None else oriented()), module.bias
     raise TypeError(
         f"fastlm.nn.{owner}: {name} must be a torch.nn.Linear or a transformers Conv1D, got {type(module).__name__}"
     )

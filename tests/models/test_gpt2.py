@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastlm.models as fm
+from fastlm.models import gpt2
 from tests.models.util import assert_model_parity, padded_batch, tiny_gpt2_config, transformers
 
 
@@ -15,19 +16,43 @@ def _pair(backend="torch", **cfg):
     return hf, fm.GPT2LMHeadModel.from_hf(hf, backend=backend)
 
 
-def test_conv1d_weights_have_transformers_shape_and_linear_layout():
-    # (in, out) like transformers' Conv1D, stored row-major (out, in) like nn.Linear: the
-    # layout fastlm.ops.linear streams in a CPU decode step. Loading, dtype casts and saving
-    # keep both.
+def test_conv1d_weights_are_transformers_and_decoding_holds_row_major_copies():
+    # Parameters as transformers stores them; a CPU generate holds row-major (out, in)
+    # copies (what fastlm.ops.linear streams) for its duration only.
     hf, ours = _pair()
-    for model in (ours, ours.to(torch.float64), fm.GPT2LMHeadModel(ours.config)):
-        for name, p in model.named_parameters():
-            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                assert p.t().is_contiguous(), name
+    convs = [m for m in ours.modules() if isinstance(m, gpt2.Conv1D)]
     sd = ours.state_dict()
     for name, p in hf.state_dict().items():
-        assert sd[name].shape == p.shape, name
-        torch.testing.assert_close(sd[name].float(), p, rtol=0, atol=0, msg=name)
+        assert sd[name].shape == p.shape and sd[name].is_contiguous(), name
+        torch.testing.assert_close(sd[name], p, rtol=0, atol=0, msg=name)
+    with ours.decoding_weights(gpt2.ROW_MAJOR_MIN_STEPS - 1):
+        assert not any(m.decoding for m in convs)  # too few steps to be worth the copy
+    with torch.no_grad(), ours.decoding_weights(gpt2.ROW_MAJOR_MIN_STEPS):
+        for m in convs:
+            w = m.linear_weight()
+            assert w.is_contiguous() and torch.equal(w, m.weight.t())
+            assert m.linear_weight() is w  # made once, then reused
+    for m in convs:
+        assert not m.decoding and m.linear_weight()._base is m.weight  # the view again
+    with torch.no_grad(), ours.decoding_weights(gpt2.ROW_MAJOR_MIN_STEPS):
+        for m in convs:
+            m.weight.mul_(2)  # an update (optimizer step): the copy is remade
+            torch.testing.assert_close(m.linear_weight(), m.weight.t(), rtol=0, atol=0)
+    assert set(ours.state_dict()) == set(sd)
+
+
+def test_generate_decodes_with_the_row_major_copies(monkeypatch):
+    hf, ours = _pair()
+    ids, mask = padded_batch(97, [6, 3], 6, left=True)
+    seen = []
+    real = gpt2.linear
+    monkeypatch.setattr(
+        gpt2, "linear", lambda x, w, b=None: seen.append(w.is_contiguous()) or real(x, w, b)
+    )
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert seen and all(seen)  # every Conv1D product read a row-major weight
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
