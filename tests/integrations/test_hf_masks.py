@@ -8,7 +8,14 @@ import torch
 
 from fastlm.integrations.hf import attention as hf_attention
 from fastlm.integrations.hf.mask_patterns import cu_seqlens_from_segment_ids
-from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
+from tests.models.util import (
+    assert_grads_close,
+    padded_batch,
+    param_grads,
+    tiny_bert_config,
+    tiny_gpt2_config,
+    transformers,
+)
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -46,16 +53,6 @@ def calls(monkeypatch):
         spy("sdpa", hf_attention.scaled_dot_product_attention),
     )
     return counts
-
-
-def _param_grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_grads_close(got, ref):
-    assert got.keys() == ref.keys() and got
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 # --- 1. static cache -----------------------------------------------------------------------
@@ -143,14 +140,14 @@ def test_packed_matches_padded(tmp_path, calls, lengths_per_row):
     expected = torch.cat([padded_logits[i, :n] for i, n in order])  # the valid tokens, packed
     weights = torch.randn(expected.shape)
     (expected * weights).sum().backward()
-    ref_grads = _param_grads(ref_model)
+    ref_grads = param_grads(ref_model)
     packed_logits = fast(packed_ids, position_ids=position_ids, use_cache=False).logits
     flat = packed_logits.reshape(expected.shape)
     (flat * weights).sum().backward()
     assert calls["attention_varlen"] == 2 and calls["sdpa"] == 0
 
     torch.testing.assert_close(flat, expected, atol=ATOL, rtol=RTOL)
-    _assert_grads_close(_param_grads(fast), ref_grads)
+    assert_grads_close(param_grads(fast), ref_grads)
 
 
 def test_packed_compiled_fullgraph(tmp_path):
@@ -206,11 +203,11 @@ def test_4d_mask_matches_sdpa(tmp_path, calls, arch, additive):
         out = model(ids, attention_mask=mask)
         out = out.logits if gpt2 else out.last_hidden_state
         out.square().mean().backward()
-        return out, _param_grads(model)
+        return out, param_grads(model)
 
     (ref, ref_grads), (got, grads) = run(ref_model), run(fast)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL)
-    _assert_grads_close(grads, ref_grads)
+    assert_grads_close(grads, ref_grads)
     assert calls["sdpa"] == 2 and calls["attention"] == 0
 
 
@@ -277,14 +274,14 @@ def test_output_attentions_match_eager_with_gradients(tmp_path, arch):
         for a in out.attentions:
             a.retain_grad()
         sum(a.square().sum() for a in out.attentions).backward()
-        return out.attentions, _param_grads(model)
+        return out.attentions, param_grads(model)
 
     (ref, ref_grads), (got, grads) = run(eager), run(fast)
     for g, r in zip(got, ref):
         valid = mask.bool()[:, None, :, None]  # rows of padding queries are not compared
         torch.testing.assert_close(g * valid, r * valid, atol=ATOL, rtol=RTOL)
         assert g.grad is not None
-    _assert_grads_close(grads, ref_grads)
+    assert_grads_close(grads, ref_grads)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

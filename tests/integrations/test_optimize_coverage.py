@@ -15,7 +15,14 @@ import torch
 
 import fastlm
 from fastlm.nn import SelfAttention
-from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
+from tests.models.util import (
+    assert_grads_close,
+    padded_batch,
+    param_grads,
+    tiny_bert_config,
+    tiny_gpt2_config,
+    transformers,
+)
 
 ATOL, RTOL = 2e-5, 1e-4
 BERT_VOCAB = 61
@@ -75,16 +82,6 @@ def fused_calls(monkeypatch):
     return counts
 
 
-def _param_grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_grads_close(got, ref):
-    assert got.keys() == ref.keys() and got
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-3, msg=name)
-
-
 def _lm_labels(ids, mask):
     return ids.masked_fill(mask == 0, -100)
 
@@ -92,7 +89,20 @@ def _lm_labels(ids, mask):
 def _loss_and_grads(model, **inputs):
     out = model(**inputs)
     out.loss.backward()
-    return out.logits, _param_grads(model)
+    return out.logits, param_grads(model)
+
+
+def _assert_trains_alike(ref, fast, valid=None, **inputs) -> dict:
+    """The same logits (on ``valid`` positions) and parameter gradients of the loss; returns
+    the optimized model's gradients."""
+    (ref_logits, ref_grads), (logits, grads) = (
+        _loss_and_grads(ref, **inputs),
+        _loss_and_grads(fast, **inputs),
+    )
+    where = slice(None) if valid is None else valid
+    torch.testing.assert_close(logits[where], ref_logits[where], atol=ATOL, rtol=RTOL)
+    assert_grads_close(grads, ref_grads)
+    return grads
 
 
 # --- BERT as a decoder ----------------------------------------------------------------------
@@ -104,14 +114,8 @@ def test_decoder_bert_trains_fused_and_matches(fused_calls, reference):
     ref, fast = _twins(_decoder_bert(), reference)
     ids, mask = padded_batch(BERT_VOCAB, [9, 5], 9)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=_lm_labels(ids, mask))
-    (ref_logits, ref_grads), (logits, grads) = (
-        _loss_and_grads(ref, **inputs),
-        _loss_and_grads(fast, **inputs),
-    )
+    _assert_trains_alike(ref, fast, mask.bool(), **inputs)
     assert fused_calls["self_attention"] == 2  # one per layer: the causal path ran fused
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    _assert_grads_close(grads, ref_grads)
 
 
 def _generate(model, ids, **kw):
@@ -182,13 +186,7 @@ def test_cross_attention_forward_and_grads_match(fused_calls, arch):
     states, enc_mask = _encoder_states(2, 32)
     inputs = dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
                   encoder_attention_mask=enc_mask, labels=_lm_labels(ids, mask))  # fmt: skip
-    (ref_logits, ref_grads), (logits, grads) = (
-        _loss_and_grads(ref, **inputs),
-        _loss_and_grads(fast, **inputs),
-    )
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    _assert_grads_close(grads, ref_grads)
+    grads = _assert_trains_alike(ref, fast, mask.bool(), **inputs)
     assert any("crossattention" in name for name in grads)
     assert fused_calls["self_attention"] == (2 if arch == "bert" else 0)
 
@@ -209,12 +207,7 @@ def test_encoder_decoder_model_trains_and_generates(decoder):
     ids, mask = padded_batch(BERT_VOCAB, [7, 4], 7)
     targets, target_mask = padded_batch(BERT_VOCAB, [5, 3], 5)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=_lm_labels(targets, target_mask))
-    (ref_logits, ref_grads), (logits, grads) = (
-        _loss_and_grads(ref, **inputs),
-        _loss_and_grads(fast, **inputs),
-    )
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=RTOL)
-    _assert_grads_close(grads, ref_grads)
+    _assert_trains_alike(ref, fast, **inputs)
     for kw in ({}, {"num_beams": 2}):
         with torch.no_grad():
             _assert_same_generation(
@@ -237,13 +230,7 @@ def test_implementation_switched_after_optimize(fused_calls, impl, decoder):
     fast.set_attn_implementation(impl)
     ids, mask = padded_batch(BERT_VOCAB, [8, 5], 8)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=_lm_labels(ids, mask))
-    (ref_logits, ref_grads), (logits, grads) = (
-        _loss_and_grads(ref, **inputs),
-        _loss_and_grads(fast, **inputs),
-    )
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], ref_logits[valid], atol=ATOL, rtol=RTOL)
-    _assert_grads_close(grads, ref_grads)
+    _assert_trains_alike(ref, fast, mask.bool(), **inputs)
     assert fused_calls["self_attention"] == 0  # 4-D masks: transformers' self-attention ran
 
 

@@ -61,3 +61,15 @@ def assert_model_parity(actual, oracle, baseline, name: str, valid=None, floor_s
     assert err <= bound, (
         f"{name}: max error {err:.3e} > bound {bound:.3e} (transformers' own error {base:.3e})"
     )
+
+
+def param_grads(model) -> dict:
+    """{name: gradient} of the parameters that received one."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, ref: dict, atol: float = 1e-4, rtol: float = 1e-3) -> None:
+    """The same parameters got gradients (at least one), and they agree."""
+    assert got.keys() == ref.keys() and got
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=atol, rtol=rtol, msg=name)
