@@ -5,11 +5,13 @@ those just take the full path.)"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlm.ops.attention import call as attention_call
+from fastlm.ops.attention_kvcache import call as kvcache_call
 from fastlm.ops.layer_norm import call as layer_norm_call
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]
@@ -104,3 +106,95 @@ def test_attention_fast_check_implies_full_check(data):
     p = data.draw(st.sampled_from([0.0, 0, 0.1, 1.0, -0.1, float("nan"), True]))
     if attention_call._plainly_valid(q, k, v, causal, mask, scale, p):
         attention_call._validate_padded(q, k, v, causal, mask, scale, p)  # must not raise
+
+
+_KV_ARGS = ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v", "causal", "softmax_scale")
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_kvcache_fast_check_implies_full_check(data):
+    # A valid decode step with one or two arguments corrupted: whenever the fast check
+    # accepts, every check passes.
+    b, sq, s_max = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), 4
+    h, hkv = data.draw(st.sampled_from([(2, 2), (2, 1), (4, 2)]))
+    d = data.draw(st.integers(1, 4))
+    args = dict(
+        q=torch.zeros(b, sq, h, d), k_cache=torch.zeros(b, s_max, hkv, d),
+        v_cache=torch.zeros(b, s_max, hkv, d), cache_seqlens=torch.zeros(b, dtype=torch.int32),
+        k=torch.zeros(b, sq, hkv, d), v=torch.zeros(b, sq, hkv, d), causal=True,
+        softmax_scale=None,
+    )  # fmt: skip
+    if data.draw(st.booleans()):
+        args["k"] = args["v"] = None
+    for name in data.draw(st.lists(st.sampled_from(_KV_ARGS), min_size=1, max_size=2)):
+        if name in ("q", "k_cache", "v_cache", "k", "v"):
+            shape = (b, s_max, hkv, d) if "cache" in name else (b, sq, h if name == "q" else hkv, d)
+            args[name] = data.draw(st.one_of(st.none(), _qkv_or_junk(shape)))
+            if name == "q" and isinstance(args["q"], torch.Tensor) and data.draw(st.booleans()):
+                args["q"] = torch.zeros(b, sq, data.draw(st.integers(1, 5)), d)  # other heads
+        elif name == "cache_seqlens":
+            args[name] = data.draw(st.sampled_from([
+                torch.zeros(b, dtype=torch.int64), torch.zeros(b + 1, dtype=torch.int32),
+                torch.zeros(b, 1, dtype=torch.int32), torch.zeros(b, dtype=torch.int32, device="meta"),
+                0, [0] * b, True,
+            ]))  # fmt: skip
+        elif name == "causal":
+            args[name] = data.draw(st.sampled_from([1, None, "yes", False]))
+        else:
+            args[name] = data.draw(st.sampled_from([0.5, 0.0, -1.0, float("inf"), 2, True, "x"]))
+    if (
+        data.draw(st.booleans())
+        and isinstance(args["q"], torch.Tensor)
+        and args["q"].dtype.is_floating_point
+    ):
+        args["q"] = args["q"].clone().requires_grad_()
+    call = tuple(args[n] for n in _KV_ARGS)
+    if kvcache_call._plainly_valid(*call):
+        kvcache_call._validate(*call)  # must not raise
+
+
+def test_kvcache_fast_check_accepts_a_decode_step():
+    q, kc, vc = torch.randn(2, 1, 4, 8), torch.zeros(2, 16, 2, 8), torch.zeros(2, 16, 2, 8)
+    k, v = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    lens = torch.tensor([3, 0], dtype=torch.int32)
+    with torch.no_grad():
+        assert kvcache_call._plainly_valid(q, kc, vc, lens, k, v, True, None)
+        assert kvcache_call._plainly_valid(q, kc, vc, lens, None, None, True, 0.25)
+
+
+def _decode_step(**changes):
+    q, kc, vc = torch.zeros(2, 1, 4, 8), torch.zeros(2, 16, 2, 8), torch.zeros(2, 16, 2, 8)
+    args = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=torch.zeros(2, dtype=torch.int32),
+                k=torch.zeros(2, 1, 2, 8), v=torch.zeros(2, 1, 2, 8), causal=True,
+                softmax_scale=None)  # fmt: skip
+    args.update(changes)
+    return tuple(args[n] for n in _KV_ARGS)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(q=torch.zeros(2, 1, 3, 8)),  # 3 query heads over 2 kv heads
+        dict(q=torch.zeros(2, 1, 4, 16)[..., ::2]),  # strided head_dim
+        dict(q=torch.zeros(2, 1, 4, 8, dtype=torch.float64)),
+        dict(q=torch.zeros(2, 1, 4, 8, requires_grad=True)),
+        dict(v_cache=torch.zeros(2, 15, 2, 8)),
+        dict(k_cache=torch.zeros(2, 16, 2, 8, device="meta")),
+        dict(k=torch.zeros(2, 1, 4, 8)),  # appended k over the query heads
+        dict(v=torch.zeros(2, 2, 2, 8)),
+        dict(v=None),
+        dict(cache_seqlens=torch.zeros(2, dtype=torch.int64)),
+        dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)),
+        dict(cache_seqlens=3),
+        dict(causal=1),
+        dict(softmax_scale=0.0),
+        dict(softmax_scale=float("inf")),
+        dict(softmax_scale=2),
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_kvcache_fast_check_refuses_each_corruption(changes):
+    call = _decode_step(**changes)
+    assert kvcache_call._plainly_valid(*_decode_step())
+    assert not kvcache_call._plainly_valid(*call)

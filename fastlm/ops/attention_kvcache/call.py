@@ -13,6 +13,7 @@ leaves its cache rows untouched (see fastlm.reference.attention_kvcache).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,38 +88,99 @@ class KVCacheCall:
         cls, q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
     ) -> KVCacheCall:
         """Validate the public arguments (ValueError/TypeError/NotImplementedError naming
-        what was expected and what was given) and build the record."""
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-            C.check_tensor(OP, name, t)
-            C.check_dim(OP, name, t, 4, _LAYOUT)
-        if (k is None) != (v is None):
-            raise ValueError(f"fastlm.{OP}: give both k and v to append, or neither (got only one)")
-        if k is not None:
-            C.check_tensor(OP, "k", k)
-            C.check_tensor(OP, "v", v)
-        bsz, sq, h, d = q.shape
-        C.check_head_dim(OP, d)
-        C.check_shape(OP, "k_cache", k_cache, (bsz, None, None, d))
-        C.check_shape(OP, "v_cache", v_cache, tuple(k_cache.shape))
-        hkv = k_cache.shape[2]
-        C.check_gqa(OP, h, hkv)
-        if k is not None:
-            C.check_shape(OP, "k", k, (bsz, sq, hkv, d))
-            C.check_shape(OP, "v", v, (bsz, sq, hkv, d))
-        C.check_float(OP, "q", q)
-        C.check_same_dtype(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-        C.check_same_device(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-            if t is not None:
-                C.check_last_dim_contiguous(OP, name, t)
-        C.check_flag(OP, "causal", causal)
-        C.check_softmax_scale(OP, softmax_scale)
-        _check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-        seq_new = 0 if k is None else sq
-        seqlens = _checked_seqlens(cache_seqlens, q, k_cache.shape[1], seq_new)
+        what was expected and what was given) and build the record. The usual call (every
+        decode step) is recognised in a few attribute reads (_plainly_valid) and then only
+        its lengths are checked; anything else gets every check (_validate)."""
+        if _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale):
+            _check_length_values(cache_seqlens, k_cache.shape[1], 0 if k is None else q.shape[1])
+            seqlens = cache_seqlens.contiguous()
+        else:
+            seqlens = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale)
+        d = q.shape[-1]
         scale = C.default_softmax_scale(d) if softmax_scale is None else float(softmax_scale)
-        checked = q.device.type == "cpu"  # _checked_seqlens read the values (or asserted)
+        checked = q.device.type == "cpu"  # the lengths were read (or asserted) on the host
         return cls(q, k_cache, v_cache, seqlens, k, v, causal, scale, checked)
+
+
+_FLOAT = frozenset(C.FLOAT_DTYPES)
+
+
+def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -> bool:
+    """A cheap sufficient condition for _validate to pass, but for the values of
+    cache_seqlens (checked after it): plain 4-D tensors of one supported dtype on one
+    device with unit last-dim strides, the caches alike, the appended k, v (both or
+    neither) shaped like q's rows over the kv heads, GQA-divisible heads, an int32 (B,)
+    cache_seqlens tensor, a bool causal, a positive finite float scale or None, nothing
+    to differentiate. The hot path of every decode step; False only means "check
+    everything", never "invalid"."""
+    for t in (q, k_cache, v_cache):
+        if type(t) is not torch.Tensor or t.dim() != 4 or t.stride(3) != 1:
+            return False
+    dtype, device = q.dtype, q.device
+    if dtype not in _FLOAT or k_cache.dtype != dtype or v_cache.dtype != dtype:
+        return False
+    bsz, sq, heads, d = q.shape
+    cache_shape = k_cache.shape
+    kv_heads = cache_shape[2]
+    if (
+        v_cache.shape != cache_shape or cache_shape[0] != bsz or cache_shape[3] != d or d < 1
+        or kv_heads < 1 or heads % kv_heads or k_cache.device != device
+        or v_cache.device != device
+    ):  # fmt: skip
+        return False
+    if (k is None) != (v is None):
+        return False
+    if k is not None:
+        for t in (k, v):
+            if (
+                type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != 4
+                or t.shape != (bsz, sq, kv_heads, d) or t.stride(3) != 1 or t.device != device
+            ):  # fmt: skip
+                return False
+    if (
+        type(cache_seqlens) is not torch.Tensor or cache_seqlens.dtype != torch.int32
+        or cache_seqlens.shape != (bsz,) or cache_seqlens.device != device
+    ):  # fmt: skip
+        return False
+    if type(causal) is not bool or not (
+        softmax_scale is None or (type(softmax_scale) is float and 0 < softmax_scale < math.inf)
+    ):
+        return False
+    return not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)
+    )
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -> torch.Tensor:
+    """Every check -> cache_seqlens as a contiguous int32 (B,) tensor on q's device."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        C.check_tensor(OP, name, t)
+        C.check_dim(OP, name, t, 4, _LAYOUT)
+    if (k is None) != (v is None):
+        raise ValueError(f"fastlm.{OP}: give both k and v to append, or neither (got only one)")
+    if k is not None:
+        C.check_tensor(OP, "k", k)
+        C.check_tensor(OP, "v", v)
+    bsz, sq, h, d = q.shape
+    C.check_head_dim(OP, d)
+    C.check_shape(OP, "k_cache", k_cache, (bsz, None, None, d))
+    C.check_shape(OP, "v_cache", v_cache, tuple(k_cache.shape))
+    hkv = k_cache.shape[2]
+    C.check_gqa(OP, h, hkv)
+    if k is not None:
+        C.check_shape(OP, "k", k, (bsz, sq, hkv, d))
+        C.check_shape(OP, "v", v, (bsz, sq, hkv, d))
+    C.check_float(OP, "q", q)
+    C.check_same_dtype(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    C.check_same_device(OP, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is not None:
+            C.check_last_dim_contiguous(OP, name, t)
+    C.check_flag(OP, "causal", causal)
+    C.check_softmax_scale(OP, softmax_scale)
+    _check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    seq_new = 0 if k is None else sq
+    return _checked_seqlens(cache_seqlens, q, k_cache.shape[1], seq_new)
 
 
 def _check_inference_only(**tensors: torch.Tensor | None) -> None:
@@ -161,13 +223,23 @@ def _checked_seqlens(
         )
     C.check_shape(OP, "cache_seqlens", cache_seqlens, (bsz,))
     C.check_same_device(OP, "q", q, cache_seqlens=cache_seqlens)
-    if device.type == "cpu" and bsz > 0:
-        ok = (cache_seqlens >= 0) & (cache_seqlens <= s_max - seq_new)
-        if torch.compiler.is_compiling():
-            torch._assert_async(ok.all(), f"fastlm.{OP}: cache_seqlens out of range")
-        elif not bool(ok.all()):
-            raise ValueError(
-                f"fastlm.{OP}: every cache_seqlens[b] must fit the cache: "
-                f"{_fits(seq_new, s_max)}; got {cache_seqlens.tolist()}"
-            )
+    _check_length_values(cache_seqlens, s_max, seq_new)
     return cache_seqlens.contiguous()
+
+
+def _check_length_values(cache_seqlens: torch.Tensor, s_max: int, seq_new: int) -> None:
+    """Every cache_seqlens[b] leaves room for the appended tokens, where reading the values
+    is free: eager CPU tensors (ValueError), traced CPU calls (a device-side assert). On
+    other devices it is not read (see the module docstring)."""
+    if cache_seqlens.device.type != "cpu" or not cache_seqlens.numel():
+        return
+    if torch.compiler.is_compiling():
+        ok = (cache_seqlens >= 0) & (cache_seqlens <= s_max - seq_new)
+        torch._assert_async(ok.all(), f"fastlm.{OP}: cache_seqlens out of range")
+        return
+    lengths = cache_seqlens.tolist()  # one host read, cheaper than reductions for a batch
+    if not 0 <= min(lengths) <= max(lengths) <= s_max - seq_new:
+        raise ValueError(
+            f"fastlm.{OP}: every cache_seqlens[b] must fit the cache: "
+            f"{_fits(seq_new, s_max)}; got {lengths}"
+        )
