@@ -15,27 +15,14 @@ Every weight streams from memory, as in a real step. Timing: wall clock, median 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Results
+from fastlm.demo.timing import time_calls
 from fastlm.ops.linear import linear
-
-
-def interleaved_medians_ms(fns: dict, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
             for gemm, fns in cases.items():
-                ms = interleaved_medians_ms(fns, 3 if args.quick else args.repeats)
+                _, ms = time_calls(fns, 3 if args.quick else args.repeats, torch.device("cpu"))
                 for impl, t in ms.items():
                     res.add(gemm=gemm, rows=rows, impl=impl, ms=t,
                             speedup=ms["transformers"] / t)  # fmt: skip

@@ -155,6 +155,17 @@ class FastLMPreTrained(nn.Module):
         model.train(hf_model.training)
         return model
 
+    def backbone_forward(self, input_ids: torch.Tensor, flags: dict, **inputs):
+        """A backbone's forward: transformers' output flags (``output_hidden_states``,
+        ``return_dict``; anything else raises) from ``flags``, then ``_run`` on ``inputs``;
+        a BaseModelOutput, or its tuple when ``return_dict=False``."""
+        where = f"{type(self).__name__}.forward"
+        hidden, return_dict = forward_flags(flags, where)
+        out = self._run(
+            input_ids, backend=self.backend, output_hidden_states=hidden, where=where, **inputs
+        )
+        return out if return_dict else out.to_tuple()
+
     def post_init(self) -> None:
         """HF's initialisation of every weight, then the ties (call at the end of __init__)."""
         init_weights(self, self.config)

@@ -38,7 +38,6 @@ from fastlm.models._base import (
     check_position_ids,
     check_values,
     drop_full_mask,
-    forward_flags,
     reads_are_free,
 )
 from fastlm.models._weights import DerivedWeight
@@ -217,18 +216,10 @@ class BertModel(FastLMPreTrained):
         position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutput:
-        where = f"{type(self).__name__}.forward"
-        hidden, return_dict = forward_flags(kwargs, where)
-        out = self._run(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
+        return self.backbone_forward(
+            input_ids, kwargs, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids,
-            backend=self.backend,
-            output_hidden_states=hidden,
-            where=where,
-        )
-        return out if return_dict else out.to_tuple()
+        )  # fmt: skip
 
     def _run(
         self,

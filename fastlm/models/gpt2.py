@@ -45,7 +45,6 @@ from fastlm.models._base import (
     check_position_ids,
     check_values,
     drop_full_mask,
-    forward_flags,
 )
 from fastlm.models._weights import DerivedWeight, writes_may_be_hidden
 from fastlm.models.config import GPT2Config, gelu_approximate
@@ -273,20 +272,10 @@ class GPT2Model(FastLMPreTrained):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput:
-        where = f"{type(self).__name__}.forward"
-        hidden, return_dict = forward_flags(kwargs, where)
-        out = self._run(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            backend=self.backend,
-            output_hidden_states=hidden,
-            where=where,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        return out if return_dict else out.to_tuple()
+        return self.backbone_forward(
+            input_ids, kwargs, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+        )  # fmt: skip
 
     def _run(
         self,

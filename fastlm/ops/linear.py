@@ -54,5 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if bias is None
             else torch.addmm(bias[:, None], weight, flat.t())
         )
+        # F.linear's contiguous (R, N) layout for the ops downstream: a copy of R x N outputs,
+        # small next to the pass over the N x K weight.
         return yt.t()[:rows].contiguous().view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

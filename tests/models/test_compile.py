@@ -77,11 +77,17 @@ def test_bert_model_compiles_whole_and_once():
     _check_shapes(model, compiled, backend, model.config.vocab_size, outputs)
 
 
-def test_bert_head_compiles_whole_and_once():
+@pytest.mark.parametrize(
+    "make, left",
+    [
+        (lambda: fm.BertForSequenceClassification(fm.BertConfig.from_hf(tiny_bert_config(num_labels=3))), False),
+        (lambda: fm.GPT2LMHeadModel(fm.GPT2Config.from_hf(tiny_gpt2_config())), True),
+    ],
+    ids=["bert-seqcls", "gpt2-lm"],
+)  # fmt: skip
+def test_head_compiles_whole_and_once(make, left):
     torch.manual_seed(0)
-    model = fm.BertForSequenceClassification(
-        fm.BertConfig.from_hf(tiny_bert_config(num_labels=3))
-    ).eval()
+    model = make().eval()
     compiled, backend = _compiled(model)
     _check_shapes(
         model,
@@ -89,20 +95,7 @@ def test_bert_head_compiles_whole_and_once():
         backend,
         model.config.vocab_size,
         lambda m, ids, mask: (m(ids, attention_mask=mask).logits,),
-    )
-
-
-def test_gpt2_lm_head_compiles_whole_and_once():
-    torch.manual_seed(0)
-    model = fm.GPT2LMHeadModel(fm.GPT2Config.from_hf(tiny_gpt2_config())).eval()
-    compiled, backend = _compiled(model)
-    _check_shapes(
-        model,
-        compiled,
-        backend,
-        model.config.vocab_size,
-        lambda m, ids, mask: (m(ids, attention_mask=mask).logits,),
-        left=True,
+        left=left,
     )
 
 
