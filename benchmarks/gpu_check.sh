@@ -18,8 +18,8 @@
 #
 # Environment: no pip, no network, no ensurepip. The image's python3 (or $PYTHON) keeps its
 # torch/triton/transformers; a throw-away `venv --without-pip --system-site-packages` on top
-# of it gets a .pth that maps fastlm.kernels -> kernels/ and fastlm.csrc -> csrc/ from
-# pyproject.toml (benchmarks/gpu_check_srcmap.py), so the repository runs as it stands.
+# of it, and PYTHONPATH=<repo>: fastlm maps fastlm.kernels -> kernels/ and fastlm.csrc -> csrc/
+# itself in a checkout (fastlm/_source_tree.py), so the repository runs as it stands.
 # A tree copied without .git can name its commit in FASTLM_GIT_SHA (stamped on every row).
 set -uo pipefail
 
@@ -81,15 +81,9 @@ make_env() {
     site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     # The parent may itself be a venv (the GPU image's python3 is): reach its packages too.
     "$PYTHON" -c "import site; print('\n'.join(site.getsitepackages()))" >"$site/_parent_site.pth"
-  else  # no venv module at all: the same mapping through sitecustomize on PYTHONPATH
+  else  # no venv module at all: the image's python as it is
     VPY="$(command -v "$PYTHON")"
-    site="$STATE/site"
-    mkdir -p "$site"
-    export PYTHONPATH="$site:$PYTHONPATH"
-    echo "import _fastlm_srcmap; _fastlm_srcmap.install('$REPO')" >"$site/sitecustomize.py"
   fi
-  cp benchmarks/gpu_check_srcmap.py "$site/_fastlm_srcmap.py"
-  echo "import _fastlm_srcmap; _fastlm_srcmap.install('$REPO')" >"$site/_fastlm_srcmap.pth"
 }
 
 probe() {

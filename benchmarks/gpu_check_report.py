@@ -41,12 +41,12 @@ def probe(state: str) -> None:
     (with its fastlm.kernels / fastlm.csrc mapping) does not import."""
     import platform
 
-    import fastlm.csrc
-    import fastlm.kernels
     import torch
     import triton
 
     import fastlm
+    import fastlm.csrc
+    import fastlm.kernels
     from benchmarks.harness import git_sha
 
     info = {

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import importlib
 
-from fastlm.backends import BackendUnavailableError, available_backends, get_backend, set_backend
+from fastlm import _source_tree
+
+_source_tree.install()  # a checkout: fastlm.kernels / fastlm.csrc live beside fastlm/
+
+from fastlm.backends import (  # noqa: E402  (after the finder: backends may import kernels)
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+)
 
 __version__ = "0.1.0"
 

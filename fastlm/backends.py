@@ -113,8 +113,8 @@ def _triton_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         if not interpreter_enabled():
             return "tensors are on the CPU and TRITON_INTERPRET=1 is not set (the Triton interpreter runs kernels on the CPU)"
-        kernels = sys.modules.get("fastlm.kernels")
-        if kernels is not None and not kernels.INTERPRETED_AT_IMPORT:
+        mode = sys.modules.get("fastlm.kernels._mode")
+        if mode is not None and not mode.INTERPRETED_AT_IMPORT:
             return (
                 "TRITON_INTERPRET=1 was set after fastlm's Triton kernels were imported, so they "
                 "were compiled for a GPU; set it before importing fastlm.kernels (or in the "

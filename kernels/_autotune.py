@@ -18,6 +18,8 @@ import os
 
 import triton
 
+from fastlm.kernels import _mode  # noqa: F401  (records the Triton mode before any kernel)
+
 AUTOTUNE_ENV = "FASTLM_AUTOTUNE"
 MAX_REGS = 255  # registers per thread on sm_80/sm_90; more spill to local memory
 

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.kernels import _mode  # noqa: F401  (records the Triton mode before any kernel)
+
 TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 

@@ -25,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from fastlm.kernels._autotune import regs_per_thread
 
 LOG2E = 1.4426950408889634

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
 from fastlm.kernels.attention_common import LOG2E
 from fastlm.kernels.limits import DECODE_MAX_HEAD_DIM

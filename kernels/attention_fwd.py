@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastlm.kernels._autotune import autotune, launch
 from fastlm.kernels._launch import fp32_dot_precision
 from fastlm.kernels.attention_common import (

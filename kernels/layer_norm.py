@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastlm.kernels._launch import next_pow2, num_programs_hint
 from fastlm.kernels.limits import LAYER_NORM_MAX_N
 

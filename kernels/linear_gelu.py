@@ -41,6 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from fastlm.kernels._autotune import autotune, launch, regs_per_thread
 from fastlm.kernels._launch import fp32_dot_precision, next_pow2, num_programs_hint
 

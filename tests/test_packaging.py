@@ -21,9 +21,9 @@ NOT_SOURCE = shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """(file names, parsed METADATA) of a wheel built from a copy of the repository that has a
-    fastlm/dispatch_table.json (the repository may not have one yet)."""
+def wheel_file(tmp_path_factory):
+    """A wheel built from a copy of the repository that has a fastlm/dispatch_table.json (the
+    repository may not have one yet)."""
     src = tmp_path_factory.mktemp("src") / "fastlm-src"
     shutil.copytree(ROOT, src, ignore=NOT_SOURCE)
     table = src / "fastlm" / "dispatch_table.json"
@@ -36,7 +36,13 @@ def wheel(tmp_path_factory):
         check=True, env=env, capture_output=True,
     )  # fmt: skip
     (name,) = [f for f in os.listdir(out) if f.endswith(".whl")]
-    with zipfile.ZipFile(out / name) as zf:
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def wheel(wheel_file):
+    """(file names, parsed METADATA) of that wheel."""
+    with zipfile.ZipFile(wheel_file) as zf:
         names = zf.namelist()
         (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         return names, email.message_from_bytes(zf.read(meta))
@@ -45,8 +51,121 @@ def wheel(tmp_path_factory):
 def test_kernels_install_inside_the_package(wheel):
     names, _ = wheel
     assert "fastlm/kernels/layer_norm.py" in names
-    assert "fastlm/kernels/__init__.py" in names
-    assert not any(n.startswith("kernels/") for n in names)
+    assert "fastlm/kernels/_mode.py" in names
+    assert not any(n.startswith(("kernels/", "csrc/")) for n in names)
+
+
+def test_installed_wheel_imports_its_kernels(wheel_file, tmp_path):
+    """The wheel unpacked on its own (no checkout, no editable finder) serves fastlm.kernels
+    and fastlm.csrc from inside the package."""
+    with zipfile.ZipFile(wheel_file) as zf:
+        zf.extractall(tmp_path / "site")
+    code = (
+        "import sys, fastlm, fastlm.kernels.limits, fastlm._cuda_ext as c\n"
+        "assert not any(type(f).__name__ == 'SourceTreeFinder' for f in sys.meta_path)\n"
+        "print(fastlm.kernels.limits.__file__); print(c.csrc_dir())"
+    )
+    out = _run_isolated(code, cwd=tmp_path, path=[tmp_path / "site"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in out.stdout.split():
+        assert line.startswith(str(tmp_path / "site" / "fastlm")), out.stdout
+
+
+def test_source_tree_maps_kernels_without_an_install(tmp_path):
+    """A copy of the checkout on PYTHONPATH (as benchmarks/gpu_check.sh runs the repository)
+    imports fastlm.kernels and fastlm.csrc from the copy's own folders, whatever an editable
+    install of another checkout says."""
+    src = tmp_path / "checkout"
+    shutil.copytree(ROOT, src, ignore=NOT_SOURCE)
+    code = (
+        "import fastlm.kernels.limits as l, fastlm.csrc as c, fastlm._cuda_ext as x\n"
+        "print(l.__file__); print(list(c.__path__)[0]); print(x.csrc_dir())"
+    )
+    out = _run_isolated(code, cwd=tmp_path, path=[src])
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels_file, csrc, csrc_dir = out.stdout.split()
+    assert kernels_file == str(src / "kernels" / "limits.py")
+    assert csrc == csrc_dir == str(src / "csrc")
+
+
+def test_source_tree_mapping_is_pyprojects():
+    from fastlm import _source_tree
+
+    mapping = _pyproject()["tool"]["setuptools"]["package-dir"]
+    assert {k: v for k, v in mapping.items() if k != v} == _source_tree.MAPPED
+
+
+def _run_isolated(code: str, cwd, path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in path)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+
+
+def _repo_top_level_names() -> set[str]:
+    """What ``import NAME`` could find in the repository root: regular packages (folders with
+    ``__init__.py``) and modules."""
+    names = set()
+    for entry in os.listdir(ROOT):
+        path = os.path.join(ROOT, entry)
+        if entry.startswith("."):
+            continue
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "__init__.py")):
+            names.add(entry)
+        elif entry.endswith(".py"):
+            names.add(entry[:-3])
+    return names
+
+
+def test_no_top_level_name_shadows_an_installed_distribution():
+    """The repository root is on sys.path whenever anything runs from it (python -m, pytest):
+    none of its importable names may hide a module some installed distribution provides."""
+    from importlib.metadata import packages_distributions
+
+    provided = packages_distributions()
+    own = {"fastlm", "tests", "benchmarks", "setup", "examples"}
+    clashes = {
+        name: provided[name]
+        for name in _repo_top_level_names()
+        if name in provided and set(provided[name]) != {"fastlm"}
+    }
+    assert not clashes, f"repository names that shadow installed packages: {clashes}"
+    # A name the repository claims beyond its own must be reviewed here first.
+    assert _repo_top_level_names() <= own, _repo_top_level_names() - own
+
+
+def test_from_the_repository_root_kernels_is_hugging_faces_and_models_load():
+    """transformers >= 5.25 imports Hugging Face's ``kernels`` while loading any model; from
+    the repository root (sys.path[0]) that name must not resolve into the repository."""
+    code = """
+import importlib.util, os, sys
+spec = importlib.util.find_spec("kernels")
+origins = [spec.origin] if spec is not None and spec.origin else []
+origins += list(spec.submodule_search_locations or []) if spec is not None else []
+own = os.path.join(os.getcwd(), "kernels")
+inside = [o for o in origins if os.path.abspath(o) == own or os.path.abspath(o).startswith(own + os.sep)]
+regular = spec is not None and spec.origin not in (None, "namespace")
+assert not (inside and regular), f"kernels resolves into the repository: {origins}"
+try:
+    from importlib.metadata import distribution
+    distribution("kernels")
+    assert not inside, f"Hugging Face's kernels is installed but {origins} is found"
+except ImportError:
+    pass
+import transformers
+cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=37, vocab_size=99)
+model = transformers.AutoModel.from_config(cfg)
+print(type(model).__name__)
+"""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "BertModel"
 
 
 def test_every_python_module_ships(wheel):

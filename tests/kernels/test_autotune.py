@@ -13,6 +13,7 @@ import inspect
 import pytest
 import torch
 import triton
+
 from fastlm.kernels import _autotune, attention_bwd, attention_common, attention_fwd, linear_gelu
 
 

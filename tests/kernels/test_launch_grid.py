@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+
 from fastlm.kernels import attention_bwd, attention_common, attention_fwd
 
 AXIS_CAP = 65535  # grid axes 1 and 2 (CUDA's gridDim.y / gridDim.z)
