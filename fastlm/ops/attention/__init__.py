@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from fastlm import backends
+from fastlm.ops import _autocast
 from fastlm.ops.attention._op import BACKENDS, draw_seed, dropout_mask, run
 from fastlm.ops.attention.call import OP, OP_VARLEN, AttentionCall
 
@@ -73,6 +74,12 @@ def attention(
     ``dropout_p`` > 0 applies dropout to the attention probabilities (pass 0 in eval).
     fp16, bf16, fp32. Returns (B, Sq, H, D) contiguous in q's dtype.
     """
+    if (low := _autocast.dtype_for(q.device)) is not None:
+        with _autocast.disabled(q.device):  # SDPA's policy: q, k, v in the autocast dtype
+            return attention(
+                *_autocast.cast(low, q, k, v), causal=causal, key_padding_mask=key_padding_mask,
+                softmax_scale=softmax_scale, dropout_p=dropout_p, backend=backend,
+            )  # fmt: skip
     call = AttentionCall.checked(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask,
         softmax_scale=softmax_scale, dropout_p=dropout_p,
@@ -108,6 +115,13 @@ def attention_varlen(
     q, k, v or the output, and the defined result of invalid values is NaN in every
     element of the output (and of the gradients).
     """
+    if (low := _autocast.dtype_for(q.device)) is not None:
+        with _autocast.disabled(q.device):
+            return attention_varlen(
+                *_autocast.cast(low, q, k, v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                backend=backend,
+            )  # fmt: skip
     call = AttentionCall.checked_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from fastlm import backends
+from fastlm.ops import _autocast
 from fastlm.ops.attention_kvcache._op import BACKENDS, run
 from fastlm.ops.attention_kvcache.call import OP, KVCacheCall
 
@@ -57,6 +58,14 @@ def attention_with_kvcache(
     check would need a host sync, so an out-of-range sequence instead gets NaN outputs and
     its cache rows are left untouched. Not differentiable.
     """
+    if (low := _autocast.dtype_for(q.device)) is not None:
+        with _autocast.disabled(q.device):  # computed in the cache's dtype, returned in low
+            q, k, v = _autocast.cast(k_cache.dtype, q, k, v)
+            out = attention_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens, k=k, v=v, causal=causal,
+                softmax_scale=softmax_scale, backend=backend,
+            )  # fmt: skip
+            return out.to(low)
     call = KVCacheCall.checked(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale)
     chosen = backends.choose(OP, call, BACKENDS, backend)
     native = _NATIVE_RUNS.get(chosen)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastlm import backends
+from fastlm.ops import _autocast
 from fastlm.ops.ffn._op import BACKENDS, run
 from fastlm.ops.ffn.call import APPROXIMATIONS, OP_GELU_FFN, OP_LINEAR_GELU, FFNCall
 
@@ -50,6 +51,10 @@ def linear_gelu(
     fp16, bf16, fp32 (true fp32 unless TF32 is enabled in torch), fp32 accumulation.
     Returns (..., N) in x's dtype. Differentiable in x, weight and bias.
     """
+    if (low := _autocast.dtype_for(x.device)) is not None:
+        with _autocast.disabled(x.device):  # F.linear's policy: everything in low
+            x, weight, bias = _autocast.cast(low, x, weight, bias)
+            return linear_gelu(x, weight, bias, approximate=approximate, backend=backend)
     call = FFNCall.checked(OP_LINEAR_GELU, x, weight, bias, approximate=approximate)
     return _serve(call, backend)
 
@@ -72,6 +77,14 @@ def gelu_ffn(
     None, added in the second GEMM's epilogue (BERT's output.dense(...) + input_tensor).
     Returns (..., H_out) in x's dtype. Differentiable in every tensor argument.
     """
+    if (low := _autocast.dtype_for(x.device)) is not None:
+        with _autocast.disabled(x.device):
+            x, w1, b1, w2, b2 = _autocast.cast(low, x, w1, b1, w2, b2)
+            if residual is None or residual.dtype == low:
+                return gelu_ffn(x, w1, b1, w2, b2, approximate=approximate, residual=residual,
+                                backend=backend)  # fmt: skip
+            # The second F.linear's output meets the residual in a plain `+`, which promotes.
+            return gelu_ffn(x, w1, b1, w2, b2, approximate=approximate, backend=backend) + residual
     call = FFNCall.checked(OP_GELU_FFN, x, w1, b1, w2, b2, residual, approximate=approximate)
     return _serve(call, backend)
 

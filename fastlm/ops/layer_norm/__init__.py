@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from fastlm import backends
+from fastlm.ops import _autocast
 from fastlm.ops.layer_norm._op import BACKENDS, run
 from fastlm.ops.layer_norm.call import OP, LayerNormCall
 
@@ -42,6 +43,11 @@ def layer_norm(
     ``weight`` and ``bias`` are (N,) or None. fp16, bf16 and fp32 inputs; any strides with a
     contiguous last dim.
     """
+    if _autocast.dtype_for(x.device) is not None:
+        with _autocast.disabled(x.device):
+            dtype = _autocast.norm_dtype(x.device, x, residual)
+            x, weight, bias, residual = _autocast.cast(dtype, x, weight, bias, residual)
+            return layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
     call = LayerNormCall.checked(x, weight, bias, eps, residual)
     chosen = backends.choose(OP, call, BACKENDS, backend)
     native = _NATIVE_RUNS.get(chosen)
