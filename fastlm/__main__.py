@@ -1,4 +1,4 @@
-"""fastlm command line: ``python -m fastlm info | check | bench | demo``."""
+"""fastlm command line: ``python -m fastlm info | check | bench | demo``, ``--version``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import sys
 
 from fastlm import __version__
+from fastlm._help_text import plain
 from fastlm.selfcheck_ops import CHECKS
 
 OPS = {check.op: check.module for check in CHECKS}  # public op -> the module that defines it
@@ -27,16 +28,41 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def versions() -> str:
+    """fastlm's version, then those of python and the packages it runs on."""
+    import torch
+
+    return (
+        f"fastlm {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+        f"triton {_version('triton')}  transformers {_version('transformers')}  "
+        f"CUDA {torch.version.cuda}"
+    )
+
+
+class _Version(argparse.Action):
+    """``--version``: prints :func:`versions` and exits. Unlike argparse's own "version"
+    action it imports torch, triton and transformers only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            help="print fastlm's version and those of torch, triton and transformers",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
 def cmd_info(_args) -> int:
     import torch
 
     from fastlm import backends, dispatch_table
 
     dev = _device()
-    print(f"fastlm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    print(
-        f"triton {_version('triton')}  transformers {_version('transformers')}  CUDA {torch.version.cuda}"
-    )
+    print(versions())
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {dev} — {name}")
     print(
@@ -90,8 +116,13 @@ def cmd_demo(args) -> int:
 COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "demo": cmd_demo}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastlm", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastlm",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, which backend serves which op and why not")
     check = sub.add_parser("check", help="run every op against the reference and print max errors")
@@ -102,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("bench", "demo"):
         # Their own parsers read the rest: argparse.REMAINDER would refuse a first argument
         # that starts with "--" ("demo --runs 3").
         return COMMANDS[argv[0]](argparse.Namespace(rest=argv[1:]))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return COMMANDS[args.cmd](args)
 
 

@@ -17,6 +17,7 @@ import functools
 import torch
 from torch.utils.benchmark import Timer
 
+from fastlm._help_text import plain
 from fastlm.selfcheck_ops import CHECKS
 
 
@@ -29,7 +30,11 @@ def median_ms(fn, min_run_time: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlm bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fastlm bench",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("ops", nargs="*", help="only these ops (default: all)")
     p.add_argument(
         "--dtype",

@@ -69,54 +69,53 @@ def _row(op: str, backend: str, dtype: str, result: str, text: str) -> None:
     print(f"{op:<24}{backend:<11}{dtype:<10}{result:<7}{text}")
 
 
+def _results(check: Check, device: torch.device):
+    """(backend, dtype, result, text) rows of one op's table: result is "pass", "FAIL",
+    "ERROR" or "skip", and text the worst verdict, the error or why the row was skipped."""
+    try:
+        importlib.import_module(check.module)
+    except ModuleNotFoundError:
+        yield "-", "-", "skip", "op not built yet"
+        return
+    for backend in backends.BACKENDS:
+        if (reason := backends.device_reason(backend, device)) is not None:
+            yield backend, "-", "skip", reason
+            continue
+        for dtype in check.dtypes:
+            dname = str(dtype).replace("torch.", "")
+            if dtype == torch.bfloat16 and device.type == "cpu" and backend == "triton":
+                yield backend, dname, "skip", "bf16 is wrong under the Triton interpreter"
+                continue
+            try:
+                verdicts = list(run_check(check, backend, dtype, device))
+            except Exception as exc:  # report, keep checking the rest
+                yield backend, dname, "ERROR", f"{type(exc).__name__}: {exc}"
+                continue
+            bad = [(n, v) for n, v in verdicts if not v.ok]
+            worst = max(verdicts, key=lambda nv: nv[1].err / max(nv[1].bound, 1e-30))
+            name, verdict = bad[0] if bad else worst
+            yield backend, dname, "FAIL" if bad else "pass", f"{name}: {verdict.detail}"
+
+
 def main(device: torch.device | None = None, ops: list[str] | None = None) -> int:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = set(ops or ()) - {c.op for c in CHECKS}
+    if unknown:
+        print(f"unknown op(s) {sorted(unknown)}; known: {[c.op for c in CHECKS]}")
+        return 2
     print(
         f"fastlm check on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})"
     )
     _row("op", "backend", "dtype", "result", "worst")
-    failures = 0
-    checks = CHECKS
-    unknown = set(ops or ()) - {c.op for c in checks}
-    if unknown:
-        print(f"unknown op(s) {sorted(unknown)}; known: {[c.op for c in checks]}")
-        return 2
-    for check in checks:
+    counts = {"pass": 0, "FAIL": 0, "ERROR": 0, "skip": 0}
+    for check in CHECKS:
         if ops and check.op not in ops:
             continue
-        try:
-            importlib.import_module(check.module)
-        except ModuleNotFoundError:
-            _row(check.op, "-", "-", "skip", "op not built yet")
-            continue
-        for backend in backends.BACKENDS:
-            if (reason := backends.device_reason(backend, device)) is not None:
-                _row(check.op, backend, "-", "skip", reason)
-                continue
-            for dtype in check.dtypes:
-                dname = str(dtype).replace("torch.", "")
-                if dtype == torch.bfloat16 and device.type == "cpu" and backend == "triton":
-                    _row(
-                        check.op,
-                        backend,
-                        dname,
-                        "skip",
-                        "bf16 is wrong under the Triton interpreter",
-                    )
-                    continue
-                try:
-                    verdicts = list(run_check(check, backend, dtype, device))
-                except Exception as exc:  # report, keep checking the rest
-                    failures += 1
-                    _row(check.op, backend, dname, "ERROR", f"{type(exc).__name__}: {exc}")
-                    continue
-                bad = [(n, v) for n, v in verdicts if not v.ok]
-                worst_name, worst = max(
-                    verdicts, key=lambda nv: nv[1].err / max(nv[1].bound, 1e-30)
-                )
-                shown = bad[0] if bad else (worst_name, worst)
-                failures += bool(bad)
-                status = "FAIL" if bad else "pass"
-                _row(check.op, backend, dname, status, f"{shown[0]}: {shown[1].detail}")
-    print("all checks passed" if failures == 0 else f"{failures} check(s) failed")
-    return 1 if failures else 0
+        for backend, dtype, result, text in _results(check, device):
+            counts[result] += 1
+            _row(check.op, backend, dtype, result, text)
+    # Counted in rows of the table: a skipped backend is one row whatever its dtypes.
+    failed = counts["FAIL"] + counts["ERROR"]
+    print(f"{counts['pass']} passed, {failed} failed, {counts['skip']} skipped", end="")
+    print(" (each skip row above says why)" if counts["skip"] else "")
+    return 1 if failed else 0

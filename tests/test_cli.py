@@ -1,10 +1,18 @@
-"""python -m fastlm info / check / bench."""
+"""python -m fastlm info / check / bench / --version."""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+import fastlm
 import fastlm.__main__ as cli
+from fastlm import backends
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_info(capsys):
@@ -20,7 +28,52 @@ def test_check_prints_a_pass_table(capsys):
     out = capsys.readouterr().out
     assert "layer_norm" in out and "triton" in out and "pass" in out
     assert "FAIL" not in out and "ERROR" not in out
-    assert "all checks passed" in out
+    assert re.search(r"^\d+ passed, 0 failed, \d+ skipped", out, flags=re.M), out
+
+
+def test_check_names_each_skipped_row_and_counts_it(capsys, monkeypatch):
+    # Without TRITON_INTERPRET the Triton rows cannot run on a CPU: the table must say so
+    # and the summary must count them, never claim that everything passed.
+    why = "TRITON_INTERPRET=1 is not set"
+    real = backends.device_reason
+    monkeypatch.setattr(
+        backends, "device_reason", lambda b, dev: why if b == "triton" else real(b, dev)
+    )
+    assert cli.main(["check", "layer_norm"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^layer_norm\s+triton\s+-\s+skip\s+{why}$", out, flags=re.M), out
+    assert "all checks passed" not in out
+    passed, skipped = re.search(r"^(\d+) passed, 0 failed, (\d+) skipped", out, flags=re.M).groups()
+    rows = [line.split() for line in out.splitlines() if line.startswith("layer_norm")]
+    assert int(passed) == sum(r[3] == "pass" for r in rows) > 0
+    assert int(skipped) == sum(r[3] == "skip" for r in rows) > 0
+
+
+def test_version_names_fastlm_and_its_dependencies():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlm", "--version"],
+        cwd=ROOT,  # python -m finds this checkout's fastlm
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[:2] == ["fastlm", fastlm.__version__], proc.stdout
+    for dependency in ("torch", "triton", "transformers"):
+        assert dependency in words, proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["check"], ["bench"], ["demo"]])
+def test_help_is_plain_text(command, capsys):
+    # argparse prints descriptions as they are: reStructuredText or Markdown markup in a
+    # docstring would reach the terminal raw.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fastlm")
+    assert "`" not in out and not re.search(r":(mod|class|func|data):", out), out
 
 
 def test_check_unknown_op(capsys):

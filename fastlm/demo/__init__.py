@@ -24,6 +24,7 @@ import time
 import torch
 
 from fastlm import backends
+from fastlm._help_text import plain
 from fastlm.demo.table import Section, format_table
 from fastlm.integrations.hf import require_transformers
 
@@ -39,7 +40,11 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastlm demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fastlm demo",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--gpt2", metavar="DIR", default=None, help="local GPT-2 checkpoint directory")
     p.add_argument(
         "--new-tokens",

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 from fastlm.reference._util import compute_dtype, up
 
+# The cubic coefficient of GELU's tanh approximation, u = sqrt(2/pi) (h + 0.044715 h^3): a
+# fitted number, not a closed form, so the kernels' copies are checked against this one.
+GELU_TANH_CUBIC = 0.044715
+
 
 def gelu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return F.gelu(h, approximate=approximate)
@@ -30,8 +34,8 @@ def gelu_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """d gelu / d h, in h's dtype (call with fp32/fp64 h)."""
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)
-        t = torch.tanh(c * (h + 0.044715 * h**3))
-        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
+        t = torch.tanh(c * (h + GELU_TANH_CUBIC * h**3))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * GELU_TANH_CUBIC * h * h)
     cdf = 0.5 * (1 + torch.erf(h / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
     return cdf + h * pdf
