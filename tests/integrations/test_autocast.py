@@ -224,3 +224,78 @@ def test_training_step_under_autocast_matches_stock_autocast(family, padded):
     for name in exact_grads:
         assert grads[name].dtype == exact_grads[name].dtype, name
         _assert_within_autocast_rule(name, grads[name], stock_grads[name], exact_grads[name])
+
+
+# ------------------------------------------------------------ Trainer and Accelerator
+
+
+def _examples(vocab: int, n: int = 12):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for i in range(n):
+        length = 4 + (5 * i) % 9
+        ids = torch.randint(1, vocab, (13,), generator=g)
+        mask = (torch.arange(13) < length).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.tensor(i % 3)})
+    return out
+
+
+def _assert_losses_within_rule(losses, stock, exact):
+    assert len(losses) == len(stock) == len(exact) > 0
+    for step, (a, s, e) in enumerate(zip(losses, stock, exact)):
+        _assert_within_autocast_rule(f"loss at step {step}", torch.tensor(a), torch.tensor(s),
+                                     torch.tensor(e), steps=16.0)  # fmt: skip
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (precision included); each run sets its own."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _trainer_losses(model, bf16: bool, tmp_path) -> list[float]:
+    pytest.importorskip("accelerate.state").AcceleratorState._reset_state(reset_partial_state=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+        bf16=bf16, use_cpu=not ON_GPU, report_to=[], logging_steps=1, save_strategy="no",
+        seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    examples = _examples(model.config.vocab_size)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples)
+    trainer.train()
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def test_trainer_bf16_trains_an_optimized_bert_like_stock(tmp_path, fresh_accelerate_state):
+    exact = _trainer_losses(_bert_classifier(), False, tmp_path / "fp32")
+    stock = _trainer_losses(_bert_classifier(), True, tmp_path / "stock")
+    ours = _trainer_losses(fastlm.optimize(_bert_classifier()), True, tmp_path / "fastlm")
+    _assert_losses_within_rule(ours, stock, exact)
+
+
+def _accelerator_losses(model, mixed_precision: str) -> list[float]:
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = accelerate.Accelerator(mixed_precision=mixed_precision, cpu=not ON_GPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(_examples(model.config.vocab_size), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+    losses = []
+    for batch in loader:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_accelerator_bf16_trains_an_optimized_bert_like_stock(fresh_accelerate_state):
+    exact = _accelerator_losses(_bert_classifier(), "no")
+    stock = _accelerator_losses(_bert_classifier(), "bf16")
+    ours = _accelerator_losses(fastlm.optimize(_bert_classifier()), "bf16")
+    _assert_losses_within_rule(ours, stock, exact)
