@@ -52,17 +52,29 @@ def _cat(*ts: torch.Tensor) -> torch.Tensor:
     return torch.cat(ts, dim=0)
 
 
+# Packing removes the padded rows from every GEMM, LayerNorm and FFN of the forward for the
+# price of a gather and a scatter of the hidden states (once per forward in fastlm's
+# BertModel, once per layer under optimize()) and a few grouped attention calls instead of
+# one. With little padding that price is not repaid: below this fraction of padded
+# positions the padded batch runs as it is (one SDPA call with a key mask), as stock
+# transformers does. benchmarks/bench_workloads.py measures both sides of the line.
+PACK_MIN_PADDING = 0.10
+
+
 def skips_padding(mask: torch.Tensor | None) -> bool:
     """Whether the forward packs the valid tokens (:class:`Packed`) rather than running the
     padded batch (:class:`Padded`).
 
     Packing needs the number of tokens on the host (``nonzero``, the longest sequence): free
     for an eager CPU tensor, a device sync per forward on CUDA and a data-dependent shape
-    (graph break) under torch.compile. So only eager CPU batches with padding are packed;
-    CUDA and compiled forwards attend over the padded batch with ``key_padding_mask`` and
-    read nothing on the host. Valid positions agree either way.
+    (graph break) under torch.compile. So only eager CPU batches are packed, and only those
+    with at least ``PACK_MIN_PADDING`` of their positions padded; CUDA and compiled forwards
+    attend over the padded batch with ``key_padding_mask`` and read nothing on the host.
+    Valid positions agree either way.
     """
-    return mask is not None and reads_are_free(mask)
+    if mask is None or not reads_are_free(mask):
+        return False
+    return int(mask.count_nonzero()) <= (1.0 - PACK_MIN_PADDING) * mask.numel()
 
 
 class BertEmbeddings(nn.Module):

@@ -13,8 +13,9 @@ serves every valid call; what SDPA does differently from fastlm is adapted here:
 * grouped-query attention through SDPA's ``enable_gqa`` (no copies of k and v);
 * dropout through SDPA's ``dropout_p`` (its mask comes from torch's generator).
 
-Packed (varlen) calls never compute padding on CPU: the sequences run one by one (reading
-cu_seqlens on the host is free there). On CUDA, and under torch.compile, reading
+Packed (varlen) calls on CPU read cu_seqlens on the host (free there) and run as a few
+padded batches of sequences of similar length (``_length_groups``: fewer, larger SDPA calls
+where the padding they add costs less than the calls they save). On CUDA, and under torch.compile, reading
 cu_seqlens would be a host sync (or a graph break), so the sequences are scattered into a
 zero-padded (B, max_seqlen, H, D) batch with index arithmetic on the device and run as one
 masked SDPA call: sync-free and traceable, at the price of the padding's FLOPs. This is a
@@ -28,6 +29,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from fastlm.ops.attention._length_groups import length_groups
 from fastlm.ops.attention.call import AttentionCall, cu_seqlens_invalid
 from fastlm.reference.attention import allowed_mask
 
@@ -43,7 +45,7 @@ def run(call: AttentionCall) -> torch.Tensor:
     if not call.varlen:
         return _padded(call, call.q, call.k, call.v, call.key_padding_mask)
     if call.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _varlen_by_sequence(call)
+        return _varlen_grouped(call)
     return _varlen_padded(call)
 
 
@@ -83,16 +85,50 @@ def _padded(call, q, k, v, key_padding_mask) -> torch.Tensor:
     return _sdpa(call, q, k, v, allowed).contiguous()
 
 
-def _varlen_by_sequence(call: AttentionCall) -> torch.Tensor:
-    """CPU: one SDPA call per sequence, no padding computed."""
+def _varlen_grouped(call: AttentionCall) -> torch.Tensor:
+    """CPU: the sequences in groups of similar length, one padded SDPA call per group."""
+    cu_q, cu_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
+    lens_q = [e - s for s, e in itertools.pairwise(cu_q)]
+    lens_k = [e - s for s, e in itertools.pairwise(cu_k)]
+    outs, rows = [], []
+    for group in length_groups(lens_q, lens_k):
+        outs.append(_group_attention(call, group, cu_q, cu_k, lens_q, lens_k))
+        rows += [torch.arange(cu_q[b], cu_q[b + 1]) for b in group]
+    total, heads, dv = call.q.shape[0], call.q.shape[1], call.v.shape[-1]
+    if not outs:
+        return call.q.new_zeros((total, heads, dv))
+    out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    perm = torch.cat(rows)
+    if perm.numel() == total and bool((perm[1:] > perm[:-1]).all()):
+        return out.contiguous()  # every token, already in packed order
+    # Rows outside every group (queries of a sequence with no keys) stay zero.
+    return call.q.new_zeros((total, heads, dv)).index_copy(0, perm.to(call.q.device), out)
+
+
+def _group_attention(call, group, cu_q, cu_k, lens_q, lens_k) -> torch.Tensor:
+    """The group's sequences as one padded batch (n, max_q / max_k, H, D) -> their queries'
+    outputs, packed in group order. Padding slots repeat a token of their own sequence (so
+    every value read is a real one) and are masked as keys and dropped as queries."""
     q, k, v = call.q, call.k, call.v
-    spans_q = itertools.pairwise(call.cu_seqlens_q.tolist())
-    spans_k = itertools.pairwise(call.cu_seqlens_k.tolist())
-    outs = [
-        _padded(call, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], None)[0]
-        for (q0, q1), (k0, k1) in zip(spans_q, spans_k)
-    ]
-    return torch.cat(outs, 0)
+    if len(group) == 1:
+        (b,) = group
+        return _padded(call, q[None, cu_q[b] : cu_q[b + 1]], k[None, cu_k[b] : cu_k[b + 1]],
+                       v[None, cu_k[b] : cu_k[b + 1]], None)[0]  # fmt: skip
+    lq = torch.tensor([lens_q[b] for b in group])
+    lk = torch.tensor([lens_k[b] for b in group])
+    mq, mk = int(lq.max()), int(lk.max())
+    i, j = torch.arange(mq), torch.arange(mk)
+    slots_q = torch.tensor([cu_q[b] for b in group])[:, None] + torch.minimum(i, lq[:, None] - 1)
+    slots_k = torch.tensor([cu_k[b] for b in group])[:, None] + torch.minimum(j, lk[:, None] - 1)
+    dev = q.device
+    slots_q, slots_k = slots_q.to(dev), slots_k.to(dev)
+    if bool((lq == mq).all() and (lk == mk).all()):  # no padding: the plain batched call
+        return _padded(call, q[slots_q], k[slots_k], v[slots_k], None).flatten(0, 1)
+    allowed = j[None, None, :] < lk[:, None, None]  # (n, max_q, max_k)
+    if call.causal:
+        allowed = allowed & (j[None, None, :] <= i[None, :, None] + (lk - lq)[:, None, None])
+    out = _sdpa(call, q[slots_q], k[slots_k], v[slots_k], allowed[:, None].to(dev))
+    return out[(i[None, :] < lq[:, None]).to(dev)]
 
 
 def _positions(cu: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
