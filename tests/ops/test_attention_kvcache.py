@@ -391,6 +391,66 @@ def test_auto_num_splits_fills_the_device():
         assert choose_num_splits(4, 100, 128, cuda) == 1  # too short to be worth splitting
 
 
+# ------------------------------------------------------------------ caches that alias themselves
+
+
+def _aliased_cache(layout, bsz, s_max, hkv, d, device, dtype=torch.float32):
+    """A (B, S_max, Hkv, D) cache whose rows share memory: one row broadcast over the
+    batch, the positions or the kv heads (stride 0), or rows one element apart."""
+    if layout == "overlapping-rows":
+        buf = torch.randn(bsz * s_max * hkv + d, device=device).to(dtype)
+        return buf.as_strided((bsz, s_max, hkv, d), (s_max * hkv, hkv, 1, 1))
+    one = {
+        "expanded-batch": (1, s_max, hkv, d),
+        "expanded-seq": (bsz, 1, hkv, d),
+        "expanded-heads": (bsz, s_max, 1, d),
+    }[layout]
+    return torch.randn(one, device=device).to(dtype).expand(bsz, s_max, hkv, d)
+
+
+ALIASED = ["expanded-batch", "expanded-seq", "expanded-heads", "overlapping-rows"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+@pytest.mark.parametrize("layout", ALIASED)
+def test_append_into_aliased_cache_is_refused(device, backend, which, layout):
+    """Appending writes every sequence's new row into the cache in place: into a cache
+    whose rows share memory, one sequence's row overwrote another's and the outputs were
+    wrong. Refused as PyTorch refuses an in-place write into an expanded tensor, with the
+    caches left as they were."""
+    bsz, sq, h, hkv, d, s_max = 2, 1, 4, 2, 4, 6
+    q = torch.randn(bsz, sq, h, d, device=device)
+    caches = {n: torch.randn(bsz, s_max, hkv, d, device=device) for n in ("k_cache", "v_cache")}
+    caches[which] = _aliased_cache(layout, bsz, s_max, hkv, d, device)
+    before = {n: c.clone() for n, c in caches.items()}
+    k, v = (torch.randn(bsz, sq, hkv, d, device=device) for _ in range(2))
+    seqlens = torch.tensor([1, 4], dtype=torch.int32, device=device)
+    match = f"{which} (is expanded|has overlapping rows)"
+    with pytest.raises(ValueError, match=match):
+        fastlm.attention_with_kvcache(q, **caches, cache_seqlens=seqlens, k=k, v=v, backend=backend)
+    for n, c in caches.items():
+        assert torch.equal(c, before[n]), f"{n} was written before the refusal"
+    # The same memory as a plain tensor is PyTorch's in-place write refused alike.
+    if layout != "overlapping-rows":
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            caches[which].add_(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ALIASED)
+def test_read_only_aliased_cache_is_fine(dtype, device, backend, layout):
+    """Nothing appended, nothing written: a broadcast cache (one prompt shared by the
+    batch) is read as the values it shows."""
+    bsz, sq, h, hkv, d, s_max = 2, 2, 4, 2, 16, 6
+    q = torch.randn(bsz, sq, h, d, device=device).to(dtype)
+    kc, vc = (_aliased_cache(layout, bsz, s_max, hkv, d, device, dtype) for _ in range(2))
+    seqlens = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    out = fastlm.attention_with_kvcache(q, kc, vc, seqlens, backend=backend)
+    base = _oracle(q, kc, vc, seqlens, None, None, True, upcast=False)
+    assert_parity(out, _oracle(q, kc, vc, seqlens, None, None, True), base, name="out")
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

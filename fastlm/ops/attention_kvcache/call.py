@@ -108,11 +108,11 @@ _FLOAT = frozenset(C.FLOAT_DTYPES)
 def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -> bool:
     """A cheap sufficient condition for _validate to pass, but for the values of
     cache_seqlens (checked after it): plain 4-D tensors of one supported dtype on one
-    device with unit last-dim strides, the caches alike, the appended k, v (both or
-    neither) shaped like q's rows over the kv heads, GQA-divisible heads, an int32 (B,)
-    cache_seqlens tensor, a bool causal, a positive finite float scale or None, nothing
-    to differentiate. The hot path of every decode step; False only means "check
-    everything", never "invalid"."""
+    device with unit last-dim strides, the caches alike (and contiguous when appended
+    to), the appended k, v (both or neither) shaped like q's rows over the kv heads,
+    GQA-divisible heads, an int32 (B,) cache_seqlens tensor, a bool causal, a positive
+    finite float scale or None, nothing to differentiate. The hot path of every decode
+    step; False only means "check everything", never "invalid"."""
     for t in (q, k_cache, v_cache):
         if type(t) is not torch.Tensor or t.dim() != 4 or t.stride(3) != 1:
             return False
@@ -131,6 +131,10 @@ def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_sca
     if (k is None) != (v is None):
         return False
     if k is not None:
+        # Appending writes the caches in place: a contiguous cache cannot alias itself
+        # (other layouts get the full overlap check).
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return False
         for t in (k, v):
             if (
                 type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != 4
@@ -176,11 +180,21 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is not None:
             C.check_last_dim_contiguous(OP, name, t)
+    if k is not None:
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            C.check_no_self_overlap(OP, name, cache, _APPEND_NEEDS)
     C.check_flag(OP, "causal", causal)
     C.check_softmax_scale(OP, softmax_scale)
     _check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     seq_new = 0 if k is None else sq
     return _checked_seqlens(cache_seqlens, q, k_cache.shape[1], seq_new)
+
+
+_APPEND_NEEDS = (
+    "appending k, v writes every sequence's new rows into it in place, so each (batch, "
+    "position, kv head) row needs memory of its own (e.g. allocate it with torch.zeros or "
+    "pass .clone()); a cache that is only read (no k, v) may be expanded"
+)
 
 
 def _check_inference_only(**tensors: torch.Tensor | None) -> None:
