@@ -7,6 +7,8 @@ causal mask itself or needs none; where it hands SDPA a boolean mask, a hidden N
 turns every query it is hidden from into NaN (SDPA adds -inf to the NaN score), and where
 it hands SDPA no mask, a NaN query row comes out as zeros. Rows untouched by the poison
 are compared with SDPA math in fp64 on the same inputs with the poison replaced by zero.
+What the torch backend gives in the poisoned rows is pinned on CPU only: on CUDA it is
+whatever SDPA's CUDA kernels give (documented so).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tests.ops.test_attention import sdpa, sdpa_varlen
 from tests.parity import assert_parity
 
 BACKENDS = ["triton", "torch", "reference"]
+ON_CPU = not torch.cuda.is_available()
 POISONS = {"nan": float("nan"), "inf": float("inf")}
 
 # (Sq, Sk, causal, pad key, hidden key, torch route). Sequence 0's key `hidden` holds the
@@ -72,7 +75,9 @@ def test_hidden_nonfinite_key(case, poison, dtype, device, backend):
     # Sequence 1 never holds the poison.
     assert_parity(out[1], want[1], base[1], name="the other sequence")
     hidden = out[0, ~sees]
-    if backend == "torch" and route == "mask":
+    if backend == "torch" and not ON_CPU:
+        pass  # whatever SDPA's CUDA kernels give (documented)
+    elif backend == "torch" and route == "mask":
         assert torch.isnan(hidden).all(), "documented: NaN through SDPA's boolean mask"
     else:
         assert_parity(hidden, want[0, ~sees], base[0, ~sees], name="queries it is hidden from")
@@ -99,7 +104,9 @@ def test_nan_query_row(case, dtype, device, backend):
     want, base = _want(q, k, v, causal=causal, key_padding_mask=mask)
 
     row = out[0, 2, 1]
-    if backend == "torch" and route == "sdpa":
+    if backend == "torch" and not ON_CPU:
+        pass  # whatever SDPA's CUDA kernels give (documented)
+    elif backend == "torch" and route == "sdpa":
         assert torch.equal(row, torch.zeros_like(row)), "documented: zeros without a mask"
     else:
         assert torch.isnan(row).all()
@@ -127,14 +134,14 @@ def test_varlen_hidden_key_and_nan_query(dtype, device, backend):
     base = sdpa_varlen(*clean, cu_q, cu_k, causal=True)
 
     assert torch.isnan(out[[1, 4]]).all()  # the queries that see a NaN key
-    nan_query = out[3]
-    if backend == "torch":  # sequence 1 runs through is_causal on CPU: no mask
-        assert torch.equal(nan_query, torch.zeros_like(nan_query))
-    else:
-        assert torch.isnan(nan_query).all()
-    hidden_in_masked = out[0]  # sequence 0's query 0, hidden from the NaN key by a mask
+    if backend == "torch" and not ON_CPU:
+        return  # one masked SDPA call on CUDA: whatever its kernels give (documented)
+    nan_query, hidden_in_masked = out[3], out[0]
     if backend == "torch":
+        # On CPU sequence 0 (Sq < Sk) gets a boolean mask, sequence 1 (Sq == Sk) is_causal.
         assert torch.isnan(hidden_in_masked).all(), "documented: NaN through the mask"
+        assert torch.equal(nan_query, torch.zeros_like(nan_query)), "documented: zeros"
     else:
         assert_parity(hidden_in_masked, want[0], base[0], name="sequence 0, query 0")
-    assert_parity(out[2], want[2], base[2], name="sequence 1, query 0 (is_causal)")
+        assert torch.isnan(nan_query).all()
+    assert_parity(out[2], want[2], base[2], name="sequence 1, query 0")

@@ -16,16 +16,17 @@ Non-finite inputs (NaN, inf), backend by backend:
 
 * a key a query may not see (key_padding_mask False, or causally hidden) never reaches
   that query's output on the reference and triton backends (the cuda kernels mask scores
-  the same way). The torch backend matches them where SDPA applies the causal mask itself
-  or no mask is needed (causal with Sq == Sk and no key_padding_mask; no mask at all);
-  where it hands SDPA a boolean mask (any key_padding_mask; causal with Sq != Sk; every
-  packed call on CUDA or under torch.compile) SDPA adds -inf to a NaN score, and every
-  query the key is hidden from gets NaN. Zeroing hidden keys first would cost a pass over
-  k on every call;
+  the same way). On CPU the torch backend matches them where SDPA applies the causal mask
+  itself or no mask is needed (causal with Sq == Sk and no key_padding_mask; no mask at
+  all); where it hands SDPA a boolean mask (any key_padding_mask; causal with Sq != Sk;
+  every packed call on CUDA or under torch.compile) SDPA adds -inf to a NaN score, and
+  every query the key is hidden from gets NaN. Zeroing hidden keys first would cost a
+  pass over k on every call;
 * a NaN query row gives NaN in that row only on the reference and triton backends (zeros
   if it sees no key); on CPU the torch backend gives NaN there where it passes SDPA a
-  boolean mask and zeros where it does not (SDPA's CUDA kernels may differ). Making the
-  latter NaN would cost a pass over the output;
+  boolean mask and zeros where it does not. Making the latter NaN would cost a pass over
+  the output. (On CUDA the torch backend's results in these two cases are whatever
+  SDPA's CUDA kernels give: other rows are never affected);
 * a NaN or inf value row a query may not see can still reach that query's output on every
   backend, the reference included (a zero probability times NaN is NaN inside P @ V).
 
