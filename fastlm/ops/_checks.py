@@ -134,3 +134,28 @@ def check_head_dim(op: str, head_dim: int) -> None:
     """Any backend: a non-empty head dim (kernel limits are the backends' reasons)."""
     if head_dim < 1:
         raise ValueError(f"fastlm.{op}: head_dim must be at least 1, got {head_dim}")
+
+
+def check_no_self_overlap(op: str, name: str, t: torch.Tensor, why: str) -> None:
+    """``t`` is written in place, so no two of its elements may share memory: no stride 0
+    on a dim of size > 1 (an expanded tensor) and no strides that make rows overlap.
+
+    Overlap is judged by the usual sufficient test: with the dims of size > 1 sorted by
+    stride, each stride must reach past everything the smaller ones span. It also refuses
+    interleaved layouts that happen not to overlap (as exotic as they sound), never a
+    permuted or sliced dense tensor."""
+    shape, strides = tuple(t.shape), tuple(t.stride())
+    for dim, (size, stride) in enumerate(zip(shape, strides)):
+        if size > 1 and stride == 0:
+            raise ValueError(
+                f"fastlm.{op}: {name} is expanded (stride 0 in dim {dim}, shape {shape}, "
+                f"strides {strides}), so its elements share memory; {why}"
+            )
+    span = 1  # elements covered by the dims already seen (smaller strides)
+    for stride, size in sorted((st, sz) for st, sz in zip(strides, shape) if sz > 1):
+        if stride < span:
+            raise ValueError(
+                f"fastlm.{op}: {name} has overlapping rows (shape {shape}, strides "
+                f"{strides}); {why}"
+            )
+        span += stride * (size - 1)

@@ -9,6 +9,9 @@ cache_seqlens (B,) int32; k, v (B, Sq, Hkv, D) or None.
         j < L_b   and, when causal,   j <= L_b - Sq + i          (bottom-right aligned)
     out[b, i, h] = softmax_j(scale * q . k_j) @ v_j            (zeros when no key is visible)
 
+Rows j >= L_b are never read into the result, whatever they hold (NaN or inf in a cache
+allocated with torch.empty included).
+
 Out-of-range lengths (cache_seqlens[b] < 0 or L_b > S_max, which the public op cannot
 check on CUDA without a host sync): sequence b's cache rows are left untouched and its
 outputs are NaN, so the error cannot pass for an answer. An empty cache (S_max = 0) has no
@@ -69,13 +72,17 @@ def kvcache_attention(
     ct = compute_dtype(q.dtype)
     group = h // hkv
     # (B, Hkv, G, Sq, D): query heads h = kv * G + g share kv head kv.
-    qg = q.to(ct).view(bsz, sq, hkv, group, d).permute(0, 2, 3, 1, 4)
-    kc = k_cache.to(ct).permute(0, 2, 1, 3)  # (B, Hkv, S_max, D)
-    vc = v_cache.to(ct).permute(0, 2, 1, 3)
-    scores = torch.einsum("bkgqd,bksd->bkgqs", qg, kc) * softmax_scale
-
     j = torch.arange(s_max, device=q.device)
     lens = seqlens_k.to(torch.int64).view(bsz, 1)
+    # Rows past a sequence's length hold anything (a cache from torch.empty: NaN, inf):
+    # they are zeroed before any product, since a masked score or a zero weight times NaN
+    # would still be NaN.
+    exists = (j[None, :] < lens)[:, None, :, None]  # (B, 1, S_max, 1)
+    qg = q.to(ct).view(bsz, sq, hkv, group, d).permute(0, 2, 3, 1, 4)
+    kc = torch.where(exists, k_cache.to(ct).permute(0, 2, 1, 3), 0.0)  # (B, Hkv, S_max, D)
+    vc = torch.where(exists, v_cache.to(ct).permute(0, 2, 1, 3), 0.0)
+    scores = torch.einsum("bkgqd,bksd->bkgqs", qg, kc) * softmax_scale
+
     visible = j[None, None, :] < lens[:, :, None]  # (B, 1, S_max)
     if causal:
         i = torch.arange(sq, device=q.device)

@@ -11,6 +11,8 @@ softmax_scale: the SDPA oracle then uses PyTorch's own default scale.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,9 @@ CASES = {
 }
 
 
-def _make(case, dtype, device, *, strided=False):
+def _make(case, dtype, device, *, strided=False, garbage=None):
+    """The case's tensors; ``garbage`` (a float) fills every cache row at or past
+    cache_seqlens[b], as in a cache allocated with torch.empty."""
     bsz, sq, h, hkv, d, s_max, lens, append, causal = case
     q = torch.randn(bsz, sq, h, d, device=device).to(dtype)
     if strided:  # caches as (B, Hkv, S_max, D) storage viewed as (B, S_max, Hkv, D)
@@ -55,6 +59,10 @@ def _make(case, dtype, device, *, strided=False):
     k = torch.randn(bsz, sq, hkv, d, device=device).to(dtype) if append else None
     v = torch.randn(bsz, sq, hkv, d, device=device).to(dtype) if append else None
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    if garbage is not None:
+        past = torch.arange(s_max, device=device)[None, :] >= seqlens[:, None]  # (B, S_max)
+        for cache in (k_cache, v_cache):
+            cache[past] = garbage
     return q, k_cache, v_cache, seqlens, k, v, causal
 
 
@@ -99,10 +107,11 @@ def _expected_cache(cache, seqlens, new):
     return out
 
 
-def _check(case, dtype, device, backend, *, strided=False, scale=None):
+def _check(case, dtype, device, backend, *, strided=False, scale=None, garbage=None):
     """One call of the public op against both oracles; the caches hold exactly the new
-    rows. ``scale`` None calls the op without softmax_scale (its default)."""
-    q, kc, vc, seqlens, k, v, causal = _make(case, dtype, device, strided=strided)
+    rows. ``scale`` None calls the op without softmax_scale (its default). The oracles
+    read only each sequence's valid rows, whatever ``garbage`` fills the others with."""
+    q, kc, vc, seqlens, k, v, causal = _make(case, dtype, device, strided=strided, garbage=garbage)
     kc0, vc0 = kc.clone(), vc.clone()
     out = fastlm.attention_with_kvcache(
         q, kc, vc, seqlens, k=k, v=v, causal=causal, softmax_scale=scale, backend=backend
@@ -116,11 +125,12 @@ def _check(case, dtype, device, backend, *, strided=False, scale=None):
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_parity(out, want, base, name=f"out[{backend}] vs reference")
     assert_parity(out, sdpa, base, name=f"out[{backend}] vs SDPA")
-    # The cache holds the new keys at their rows and nothing else changed.
-    torch.testing.assert_close(kc, _expected_cache(kc0, seqlens, k), rtol=0, atol=0)
-    torch.testing.assert_close(vc, _expected_cache(vc0, seqlens, v), rtol=0, atol=0)
-    torch.testing.assert_close(kc_ref, _expected_cache(kc0, seqlens, k).double(), rtol=0, atol=0)
-    torch.testing.assert_close(vc_ref, _expected_cache(vc0, seqlens, v).double(), rtol=0, atol=0)
+    # The cache holds the new keys at their rows and nothing else changed (garbage included).
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(kc, _expected_cache(kc0, seqlens, k), **exact)
+    torch.testing.assert_close(vc, _expected_cache(vc0, seqlens, v), **exact)
+    torch.testing.assert_close(kc_ref, _expected_cache(kc0, seqlens, k).double(), **exact)
+    torch.testing.assert_close(vc_ref, _expected_cache(vc0, seqlens, v).double(), **exact)
     assert seqlens.tolist() == case[6], "cache_seqlens must not be advanced by the op"
 
 
@@ -133,6 +143,34 @@ def test_parity_and_append(case, dtype, device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_caches_and_explicit_scale(dtype, device, backend):
     _check(CASES["sq3-gqa4:2-hd64"], dtype, device, backend, strided=True, scale=0.3)
+
+
+GARBAGE_CASES = ["sq1-mha-hd32", "sq3-gqa4:2-hd64", "sq1-gqa4:1-hd128-noappend",
+                 "sq3-short-noappend", "sq3-noncausal"]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("case", GARBAGE_CASES)
+def test_rows_past_the_lengths_are_never_read(case, garbage, dtype, device, backend):
+    """A cache allocated with torch.empty holds anything past cache_seqlens: NaN or inf
+    there made every output NaN on the torch and reference backends (a masked score is
+    still NaN, and a zero probability times a NaN value is NaN). The outputs must equal
+    attention over the valid rows alone, with or without an append, MHA and GQA."""
+    _check(CASES[case], dtype, device, backend, garbage=garbage)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("case", GARBAGE_CASES)
+def test_torch_masked_path_never_reads_rows_past_the_lengths(case, garbage, dtype, device):
+    """The torch backend's path for lengths not read on the host (CUDA, torch.compile),
+    which attends over the whole cache with a mask, on the same garbage."""
+    q, kc, vc, seqlens, k, v, causal = _make(CASES[case], dtype, device, garbage=garbage)
+    kc0, vc0 = kc.clone(), vc.clone()
+    call = KVCacheCall.checked(q, kc, vc, seqlens, k, v, causal, None)
+    out = _torch.run(dataclasses.replace(call, host_lengths=None))
+    base = _oracle(q, kc0, vc0, seqlens, k, v, causal, upcast=False)
+    assert_parity(out, _oracle(q, kc0, vc0, seqlens, k, v, causal), base, name="out")
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
@@ -327,11 +365,15 @@ def test_triton_out_of_range_lengths_every_split_path(device, num_splits):
 # ------------------------------------------------------------------ the torch backend
 
 
-def test_torch_backend_decode_step_is_sync_free(monkeypatch, device):
+@pytest.mark.parametrize("lengths", ["read-by-the-checks", "never-read"])
+def test_torch_backend_decode_step_is_sync_free(monkeypatch, device, lengths):
     """No host read of a tensor during the torch backend's step (append + attention): it
-    captures in a CUDA graph and traces without graph breaks."""
+    captures in a CUDA graph and traces without graph breaks. Lengths the checks read
+    (eager CPU) are used from the record; lengths never read (CUDA) take the masked path."""
     q, kc, vc, seqlens, k, v, causal = _make(CASES["sq3-gqa4:2-hd64"], torch.float32, device)
     call = KVCacheCall.checked(q, kc, vc, seqlens, k, v, causal, None)
+    if lengths == "never-read":
+        call = dataclasses.replace(call, host_lengths=None)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host sync in the decode step")
@@ -389,6 +431,66 @@ def test_auto_num_splits_fills_the_device():
         assert choose_num_splits(12, 65536, 128, cuda) == -(-2 * sms // 12)
         assert choose_num_splits(64 * 12, 8192, 128, cuda) == 1  # a full batch needs none
         assert choose_num_splits(4, 100, 128, cuda) == 1  # too short to be worth splitting
+
+
+# ------------------------------------------------------------------ caches that alias themselves
+
+
+def _aliased_cache(layout, bsz, s_max, hkv, d, device, dtype=torch.float32):
+    """A (B, S_max, Hkv, D) cache whose rows share memory: one row broadcast over the
+    batch, the positions or the kv heads (stride 0), or rows one element apart."""
+    if layout == "overlapping-rows":
+        buf = torch.randn(bsz * s_max * hkv + d, device=device).to(dtype)
+        return buf.as_strided((bsz, s_max, hkv, d), (s_max * hkv, hkv, 1, 1))
+    one = {
+        "expanded-batch": (1, s_max, hkv, d),
+        "expanded-seq": (bsz, 1, hkv, d),
+        "expanded-heads": (bsz, s_max, 1, d),
+    }[layout]
+    return torch.randn(one, device=device).to(dtype).expand(bsz, s_max, hkv, d)
+
+
+ALIASED = ["expanded-batch", "expanded-seq", "expanded-heads", "overlapping-rows"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+@pytest.mark.parametrize("layout", ALIASED)
+def test_append_into_aliased_cache_is_refused(device, backend, which, layout):
+    """Appending writes every sequence's new row into the cache in place: into a cache
+    whose rows share memory, one sequence's row overwrote another's and the outputs were
+    wrong. Refused as PyTorch refuses an in-place write into an expanded tensor, with the
+    caches left as they were."""
+    bsz, sq, h, hkv, d, s_max = 2, 1, 4, 2, 4, 6
+    q = torch.randn(bsz, sq, h, d, device=device)
+    caches = {n: torch.randn(bsz, s_max, hkv, d, device=device) for n in ("k_cache", "v_cache")}
+    caches[which] = _aliased_cache(layout, bsz, s_max, hkv, d, device)
+    before = {n: c.clone() for n, c in caches.items()}
+    k, v = (torch.randn(bsz, sq, hkv, d, device=device) for _ in range(2))
+    seqlens = torch.tensor([1, 4], dtype=torch.int32, device=device)
+    match = f"{which} (is expanded|has overlapping rows)"
+    with pytest.raises(ValueError, match=match):
+        fastlm.attention_with_kvcache(q, **caches, cache_seqlens=seqlens, k=k, v=v, backend=backend)
+    for n, c in caches.items():
+        assert torch.equal(c, before[n]), f"{n} was written before the refusal"
+    # The same memory as a plain tensor is PyTorch's in-place write refused alike.
+    if layout != "overlapping-rows":
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            caches[which].add_(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ALIASED)
+def test_read_only_aliased_cache_is_fine(dtype, device, backend, layout):
+    """Nothing appended, nothing written: a broadcast cache (one prompt shared by the
+    batch) is read as the values it shows."""
+    bsz, sq, h, hkv, d, s_max = 2, 2, 4, 2, 16, 6
+    q = torch.randn(bsz, sq, h, d, device=device).to(dtype)
+    kc, vc = (_aliased_cache(layout, bsz, s_max, hkv, d, device, dtype) for _ in range(2))
+    seqlens = torch.tensor([3, 6], dtype=torch.int32, device=device)
+    out = fastlm.attention_with_kvcache(q, kc, vc, seqlens, backend=backend)
+    base = _oracle(q, kc, vc, seqlens, None, None, True, upcast=False)
+    assert_parity(out, _oracle(q, kc, vc, seqlens, None, None, True), base, name="out")
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -108,6 +108,17 @@ def test_attention_fast_check_implies_full_check(data):
         attention_call._validate_padded(q, k, v, causal, mask, scale, p)  # must not raise
 
 
+@st.composite
+def _aliased_cache(draw, shape):
+    """A cache whose rows share memory (refused when appended to, fine when only read)."""
+    b, s, hkv, d = shape
+    kind = draw(st.sampled_from(["batch", "seq", "heads", "overlap"]))
+    if kind == "overlap":  # rows one element apart
+        return torch.zeros(b * s * hkv + d).as_strided(shape, (s * hkv, hkv, 1, 1))
+    one = {"batch": (1, s, hkv, d), "seq": (b, 1, hkv, d), "heads": (b, s, 1, d)}[kind]
+    return torch.zeros(one).expand(shape)
+
+
 _KV_ARGS = ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v", "causal", "softmax_scale")
 
 
@@ -131,6 +142,8 @@ def test_kvcache_fast_check_implies_full_check(data):
         if name in ("q", "k_cache", "v_cache", "k", "v"):
             shape = (b, s_max, hkv, d) if "cache" in name else (b, sq, h if name == "q" else hkv, d)
             args[name] = data.draw(st.one_of(st.none(), _qkv_or_junk(shape)))
+            if "cache" in name and data.draw(st.booleans()):
+                args[name] = data.draw(_aliased_cache(shape))
             if name == "q" and isinstance(args["q"], torch.Tensor) and data.draw(st.booleans()):
                 args["q"] = torch.zeros(b, sq, data.draw(st.integers(1, 5)), d)  # other heads
         elif name == "cache_seqlens":
@@ -180,6 +193,8 @@ def _decode_step(**changes):
         dict(q=torch.zeros(2, 1, 4, 8, dtype=torch.float64)),
         dict(q=torch.zeros(2, 1, 4, 8, requires_grad=True)),
         dict(v_cache=torch.zeros(2, 15, 2, 8)),
+        dict(k_cache=torch.zeros(1, 16, 2, 8).expand(2, 16, 2, 8)),  # appended to in place
+        dict(v_cache=torch.zeros(2, 1, 2, 8).expand(2, 16, 2, 8)),
         dict(k_cache=torch.zeros(2, 16, 2, 8, device="meta")),
         dict(k=torch.zeros(2, 1, 4, 8)),  # appended k over the query heads
         dict(v=torch.zeros(2, 2, 2, 8)),

@@ -12,6 +12,26 @@ Causal masks align bottom-right (query i sees keys j <= i + Sk - Sq, as FlashAtt
 divides H (query head h reads kv head h // (H // Hkv)). Rows with no key to attend to
 give zeros and zero gradients. Math in fastlm.reference.attention.
 
+Non-finite inputs (NaN, inf), backend by backend:
+
+* a key a query may not see (key_padding_mask False, or causally hidden) never reaches
+  that query's output on the reference and triton backends (the cuda kernels mask scores
+  the same way). On CPU the torch backend matches them where SDPA applies the causal mask
+  itself or no mask is needed (causal with Sq == Sk and no key_padding_mask; no mask at
+  all); where it hands SDPA a boolean mask (any key_padding_mask; causal with Sq != Sk;
+  every packed call on CUDA or under torch.compile) SDPA adds -inf to a NaN score, and
+  every query the key is hidden from gets NaN. Zeroing hidden keys first would cost a
+  pass over k on every call;
+* a NaN query row gives NaN in that row only on the reference and triton backends (zeros
+  if it sees no key); on CPU the torch backend gives NaN there where it passes SDPA a
+  boolean mask and zeros where it does not. Making the latter NaN would cost a pass over
+  the output. (On CUDA the torch backend's results in these two cases are whatever
+  SDPA's CUDA kernels give: other rows are never affected);
+* a NaN or inf value row a query may not see can still reach that query's output on every
+  backend, the reference included (a zero probability times NaN is NaN inside P @ V).
+
+Keep what a query may not see finite (e.g. zero the padding) where this matters.
+
 Dropout (dropout_p > 0): a seed is drawn from torch's default CPU generator per call, so
 a fixed torch.manual_seed reproduces the mask. The Triton kernels draw it with a
 counter-based RNG (keep element (b, h, i, j) from ((b * H + h) * Sq + i) * Sk + j and the
@@ -72,7 +92,8 @@ def attention(
     ``causal`` aligns bottom-right; ``key_padding_mask`` bool (B, Sk), True = attend;
     ``softmax_scale`` defaults to 1/sqrt(D) and must be positive and finite;
     ``dropout_p`` > 0 applies dropout to the attention probabilities (pass 0 in eval).
-    fp16, bf16, fp32. Returns (B, Sq, H, D) contiguous in q's dtype.
+    fp16, bf16, fp32. Returns (B, Sq, H, D) contiguous in q's dtype. NaN and inf in the
+    inputs: see the module docstring (the backends differ).
     """
     if (low := _autocast.dtype_for(q.device)) is not None:
         with _autocast.disabled(q.device):  # SDPA's policy: q, k, v in the autocast dtype
@@ -113,7 +134,8 @@ def attention_varlen(
     mode they are not checked (that would be a host sync per call); there the kernels
     clamp every sequence into the tensors, so wrong values never read or write outside
     q, k, v or the output, and the defined result of invalid values is NaN in every
-    element of the output (and of the gradients).
+    element of the output (and of the gradients). NaN and inf in q, k, v: as for
+    ``attention`` (module docstring), per sequence.
     """
     if (low := _autocast.dtype_for(q.device)) is not None:
         with _autocast.disabled(q.device):

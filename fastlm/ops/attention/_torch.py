@@ -10,6 +10,11 @@ serves every valid call; what SDPA does differently from fastlm is adapted here:
 * a query row with no key to attend to (every key padded, or i + Sk - Sq < 0) returns
   zeros and zero gradients: the row is given every key (so no backend sees an all -inf row
   and produces NaN) and its output is zeroed, which also zeroes its gradients;
+* NaN and inf are not confined the way the kernel backends confine them (the table in
+  fastlm.ops.attention): with a boolean mask SDPA adds -inf to a hidden key's NaN score,
+  and without one its CPU kernels turn a NaN query row into zeros. Matching the kernels
+  costs a pass over k (about 20% of a B=8, S=128, H=12, D=64 fp32 CPU call, measured) or
+  over the output (5 to 12%), on every call, for inputs that are almost always finite;
 * grouped-query attention through SDPA's ``enable_gqa`` (no copies of k and v);
 * dropout through SDPA's ``dropout_p`` (its mask comes from torch's generator).
 

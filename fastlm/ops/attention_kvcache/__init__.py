@@ -49,7 +49,8 @@ def attention_with_kvcache(
     """Decode attention over a KV cache, appending ``k``, ``v`` into it first (in place).
 
     q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D), any strides with a contiguous
-    last dim, Hkv dividing H; cache_seqlens: int32 (B,) or int, valid tokens already in
+    last dim (when k, v are appended: no two rows sharing memory, so not expanded), Hkv
+    dividing H; cache_seqlens: int32 (B,) or int, valid tokens already in
     the cache; k, v: (B, Sq, Hkv, D) or None. softmax_scale: a positive finite float, or
     None for 1/sqrt(D). Returns (B, Sq, H, D) in q's dtype; fp16, bf16, fp32.
 

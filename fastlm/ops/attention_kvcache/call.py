@@ -44,6 +44,9 @@ class KVCacheCall:
     # reading them is free): backends may then skip the guards that give out-of-range
     # sequences NaN outputs (what CUDA calls, never read on the host, rely on).
     lengths_checked: bool = False
+    # The cache_seqlens values as the checks read them on the host (eager CPU calls and
+    # python ints), else None: backends may use them without a sync of their own.
+    host_lengths: list[int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -92,14 +95,17 @@ class KVCacheCall:
         decode step) is recognised in a few attribute reads (_plainly_valid) and then only
         its lengths are checked; anything else gets every check (_validate)."""
         if _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale):
-            _check_length_values(cache_seqlens, k_cache.shape[1], 0 if k is None else q.shape[1])
+            seq_new = 0 if k is None else q.shape[1]
+            host = _check_length_values(cache_seqlens, k_cache.shape[1], seq_new)
             seqlens = cache_seqlens.contiguous()
         else:
-            seqlens = _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale)
+            seqlens, host = _validate(
+                q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
+            )
         d = q.shape[-1]
         scale = C.default_softmax_scale(d) if softmax_scale is None else float(softmax_scale)
         checked = q.device.type == "cpu"  # the lengths were read (or asserted) on the host
-        return cls(q, k_cache, v_cache, seqlens, k, v, causal, scale, checked)
+        return cls(q, k_cache, v_cache, seqlens, k, v, causal, scale, checked, host)
 
 
 _FLOAT = frozenset(C.FLOAT_DTYPES)
@@ -108,11 +114,11 @@ _FLOAT = frozenset(C.FLOAT_DTYPES)
 def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -> bool:
     """A cheap sufficient condition for _validate to pass, but for the values of
     cache_seqlens (checked after it): plain 4-D tensors of one supported dtype on one
-    device with unit last-dim strides, the caches alike, the appended k, v (both or
-    neither) shaped like q's rows over the kv heads, GQA-divisible heads, an int32 (B,)
-    cache_seqlens tensor, a bool causal, a positive finite float scale or None, nothing
-    to differentiate. The hot path of every decode step; False only means "check
-    everything", never "invalid"."""
+    device with unit last-dim strides, the caches alike (and contiguous when appended
+    to), the appended k, v (both or neither) shaped like q's rows over the kv heads,
+    GQA-divisible heads, an int32 (B,) cache_seqlens tensor, a bool causal, a positive
+    finite float scale or None, nothing to differentiate. The hot path of every decode
+    step; False only means "check everything", never "invalid"."""
     for t in (q, k_cache, v_cache):
         if type(t) is not torch.Tensor or t.dim() != 4 or t.stride(3) != 1:
             return False
@@ -131,6 +137,10 @@ def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_sca
     if (k is None) != (v is None):
         return False
     if k is not None:
+        # Appending writes the caches in place: a contiguous cache cannot alias itself
+        # (other layouts get the full overlap check).
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return False
         for t in (k, v):
             if (
                 type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != 4
@@ -151,8 +161,11 @@ def _plainly_valid(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_sca
     )
 
 
-def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -> torch.Tensor:
-    """Every check -> cache_seqlens as a contiguous int32 (B,) tensor on q's device."""
+def _validate(
+    q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale
+) -> tuple[torch.Tensor, list[int] | None]:
+    """Every check -> (cache_seqlens as a contiguous int32 (B,) tensor on q's device, its
+    values where the checks read them on the host, else None)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         C.check_tensor(OP, name, t)
         C.check_dim(OP, name, t, 4, _LAYOUT)
@@ -176,11 +189,21 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale) -
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is not None:
             C.check_last_dim_contiguous(OP, name, t)
+    if k is not None:
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            C.check_no_self_overlap(OP, name, cache, _APPEND_NEEDS)
     C.check_flag(OP, "causal", causal)
     C.check_softmax_scale(OP, softmax_scale)
     _check_inference_only(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     seq_new = 0 if k is None else sq
     return _checked_seqlens(cache_seqlens, q, k_cache.shape[1], seq_new)
+
+
+_APPEND_NEEDS = (
+    "appending k, v writes every sequence's new rows into it in place, so each (batch, "
+    "position, kv head) row needs memory of its own (e.g. allocate it with torch.zeros or "
+    "pass .clone()); a cache that is only read (no k, v) may be expanded"
+)
 
 
 def _check_inference_only(**tensors: torch.Tensor | None) -> None:
@@ -200,9 +223,10 @@ def _fits(seq_new: int, s_max: int) -> str:
 
 def _checked_seqlens(
     cache_seqlens: object, q: torch.Tensor, s_max: int, seq_new: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[int] | None]:
     """cache_seqlens as a contiguous int32 (B,) tensor on q's device (the kernels read it
-    with unit stride); values checked where that is free (python ints, CPU tensors)."""
+    with unit stride); values checked where that is free (python ints, CPU tensors) and
+    then returned too."""
     bsz, device = q.shape[0], q.device
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(
@@ -215,7 +239,8 @@ def _checked_seqlens(
                 f"fastlm.{OP}: cache_seqlens={cache_seqlens} does not fit the cache: "
                 + _fits(seq_new, s_max)
             )
-        return torch.full((bsz,), cache_seqlens, dtype=torch.int32, device=device)
+        lengths = [cache_seqlens] * bsz
+        return torch.full((bsz,), cache_seqlens, dtype=torch.int32, device=device), lengths
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(
             f"fastlm.{OP}: cache_seqlens must be int32, got "
@@ -223,23 +248,27 @@ def _checked_seqlens(
         )
     C.check_shape(OP, "cache_seqlens", cache_seqlens, (bsz,))
     C.check_same_device(OP, "q", q, cache_seqlens=cache_seqlens)
-    _check_length_values(cache_seqlens, s_max, seq_new)
-    return cache_seqlens.contiguous()
+    lengths = _check_length_values(cache_seqlens, s_max, seq_new)
+    return cache_seqlens.contiguous(), lengths
 
 
-def _check_length_values(cache_seqlens: torch.Tensor, s_max: int, seq_new: int) -> None:
+def _check_length_values(cache_seqlens: torch.Tensor, s_max: int, seq_new: int) -> list[int] | None:
     """Every cache_seqlens[b] leaves room for the appended tokens, where reading the values
-    is free: eager CPU tensors (ValueError), traced CPU calls (a device-side assert). On
-    other devices it is not read (see the module docstring)."""
-    if cache_seqlens.device.type != "cpu" or not cache_seqlens.numel():
-        return
+    is free: eager CPU tensors (ValueError; the values read are returned), traced CPU calls
+    (a device-side assert). On other devices it is not read (see the module docstring).
+    None where the values were not read on the host."""
+    if cache_seqlens.device.type != "cpu":
+        return None
+    if not cache_seqlens.numel():
+        return []
     if torch.compiler.is_compiling():
         ok = (cache_seqlens >= 0) & (cache_seqlens <= s_max - seq_new)
         torch._assert_async(ok.all(), f"fastlm.{OP}: cache_seqlens out of range")
-        return
+        return None
     lengths = cache_seqlens.tolist()  # one host read, cheaper than reductions for a batch
     if not 0 <= min(lengths) <= max(lengths) <= s_max - seq_new:
         raise ValueError(
             f"fastlm.{OP}: every cache_seqlens[b] must fit the cache: "
             f"{_fits(seq_new, s_max)}; got {lengths}"
         )
+    return lengths
