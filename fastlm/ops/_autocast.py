@@ -28,12 +28,15 @@ import torch
 _any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def dtype_for(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for tensors on ``device`` inside an active autocast region, else
-    None (also for devices autocast does not cover)."""
+def dtype_for(operand: object) -> torch.dtype | None:
+    """The autocast dtype for ``operand``'s device inside an active autocast region there,
+    else None (also for devices autocast does not cover, and for a non-tensor, which the
+    op's checks then refuse)."""
     if _any_enabled is not None and not _any_enabled():
         return None
-    kind = device.type
+    if not isinstance(operand, torch.Tensor):
+        return None
+    kind = operand.device.type
     if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
@@ -46,11 +49,14 @@ def disabled(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Each floating-point tensor in ``dtype`` (None and other dtypes pass through)."""
+def cast(dtype: torch.dtype, *operands: object) -> tuple:
+    """Each floating-point tensor in ``dtype``; anything else passes through untouched (None,
+    masks, and wrong arguments, which the op's checks then refuse)."""
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
-        for t in tensors
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+        else t
+        for t in operands
     )
 
 

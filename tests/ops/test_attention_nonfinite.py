@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastlm
+from fastlm.ops.attention import _length_groups
 from tests.ops.test_attention import sdpa, sdpa_varlen
 from tests.parity import assert_parity
 
@@ -116,10 +117,13 @@ def test_nan_query_row(case, dtype, device, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_hidden_key_and_nan_query(dtype, device, backend):
+def test_varlen_hidden_key_and_nan_query(dtype, device, backend, monkeypatch):
     """Packed, causal: sequence 0 has Sq < Sk (a boolean mask on the torch backend's CPU
     route), sequence 1 Sq == Sk (is_causal). Each holds a NaN key hidden from its first
-    query, and sequence 1 a NaN query row."""
+    query, and sequence 1 a NaN query row. The torch backend's CPU route runs each
+    sequence in its own call here (a call of no cost to its length grouping); grouped with
+    others of unequal length a sequence takes the boolean-mask route."""
+    monkeypatch.setattr(_length_groups, "CALL_COST", 0)
     h, d = 2, 16  # lengths: q 2 and 3, k 4 and 3
     cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 4, 7], dtype=torch.int32, device=device)

@@ -19,6 +19,7 @@ Non-finite inputs (NaN, inf), backend by backend:
   the same way). On CPU the torch backend matches them where SDPA applies the causal mask
   itself or no mask is needed (causal with Sq == Sk and no key_padding_mask; no mask at
   all); where it hands SDPA a boolean mask (any key_padding_mask; causal with Sq != Sk;
+  a packed call's group of sequences of unequal lengths on CPU, see _length_groups.py;
   every packed call on CUDA or under torch.compile) SDPA adds -inf to a NaN score, and
   every query the key is hidden from gets NaN. Zeroing hidden keys first would cost a
   pass over k on every call;
@@ -95,7 +96,7 @@ def attention(
     fp16, bf16, fp32. Returns (B, Sq, H, D) contiguous in q's dtype. NaN and inf in the
     inputs: see the module docstring (the backends differ).
     """
-    if (low := _autocast.dtype_for(q.device)) is not None:
+    if (low := _autocast.dtype_for(q)) is not None:
         with _autocast.disabled(q.device):  # SDPA's policy: q, k, v in the autocast dtype
             return attention(
                 *_autocast.cast(low, q, k, v), causal=causal, key_padding_mask=key_padding_mask,
@@ -137,7 +138,7 @@ def attention_varlen(
     element of the output (and of the gradients). NaN and inf in q, k, v: as for
     ``attention`` (module docstring), per sequence.
     """
-    if (low := _autocast.dtype_for(q.device)) is not None:
+    if (low := _autocast.dtype_for(q)) is not None:
         with _autocast.disabled(q.device):
             return attention_varlen(
                 *_autocast.cast(low, q, k, v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

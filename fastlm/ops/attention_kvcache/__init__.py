@@ -59,7 +59,7 @@ def attention_with_kvcache(
     check would need a host sync, so an out-of-range sequence instead gets NaN outputs and
     its cache rows are left untouched. Not differentiable.
     """
-    if (low := _autocast.dtype_for(q.device)) is not None:
+    if (low := _autocast.dtype_for(q)) is not None:
         with _autocast.disabled(q.device):  # computed in the cache's dtype, returned in low
             q, k, v = _autocast.cast(k_cache.dtype, q, k, v)
             out = attention_with_kvcache(

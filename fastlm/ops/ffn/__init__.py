@@ -51,7 +51,7 @@ def linear_gelu(
     fp16, bf16, fp32 (true fp32 unless TF32 is enabled in torch), fp32 accumulation.
     Returns (..., N) in x's dtype. Differentiable in x, weight and bias.
     """
-    if (low := _autocast.dtype_for(x.device)) is not None:
+    if (low := _autocast.dtype_for(x)) is not None:
         with _autocast.disabled(x.device):  # F.linear's policy: everything in low
             x, weight, bias = _autocast.cast(low, x, weight, bias)
             return linear_gelu(x, weight, bias, approximate=approximate, backend=backend)
@@ -77,7 +77,7 @@ def gelu_ffn(
     None, added in the second GEMM's epilogue (BERT's output.dense(...) + input_tensor).
     Returns (..., H_out) in x's dtype. Differentiable in every tensor argument.
     """
-    if (low := _autocast.dtype_for(x.device)) is not None:
+    if (low := _autocast.dtype_for(x)) is not None:
         with _autocast.disabled(x.device):
             x, w1, b1, w2, b2 = _autocast.cast(low, x, w1, b1, w2, b2)
             if residual is None or residual.dtype == low:

@@ -43,7 +43,7 @@ def layer_norm(
     ``weight`` and ``bias`` are (N,) or None. fp16, bf16 and fp32 inputs; any strides with a
     contiguous last dim.
     """
-    if _autocast.dtype_for(x.device) is not None:
+    if _autocast.dtype_for(x) is not None:
         with _autocast.disabled(x.device):
             dtype = _autocast.norm_dtype(x.device, x, residual)
             x, weight, bias, residual = _autocast.cast(dtype, x, weight, bias, residual)
