@@ -38,7 +38,7 @@ def _compile(name: str, out_dir: str) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

