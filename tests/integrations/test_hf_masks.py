@@ -310,6 +310,56 @@ def test_output_attentions_match_eager_with_gradients(tmp_path, arch):
     assert_grads_close(grads, ref_grads)
 
 
+@pytest.mark.parametrize("how", ["attn_implementation", "optimize"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_output_attentions_however_transformers_asks(tmp_path, how, arch):
+    """The steps of transformers' test_attention_outputs, on a model running fastlm:
+    forward(output_attentions=True), then config.output_attentions = True on the model's
+    config (which save_pretrained validates), and a new model built from that config; every
+    time one (B, H, S, S) tensor per layer, equal to eager attention."""
+    import fastlm
+
+    model_class, config = {
+        "bert": (transformers.BertModel, tiny_bert_config()),
+        "gpt2": (transformers.GPT2Model, tiny_gpt2_config()),
+    }[arch]
+    eager, fast = _twins(tmp_path, model_class, config, reference="eager")
+    if how == "optimize":
+        fast = fastlm.optimize(model_class.from_pretrained(tmp_path).eval())
+    ids, mask = padded_batch(config.vocab_size, [6, 4], 6, left=arch == "gpt2")
+    valid = mask.bool()[:, None, :, None]  # rows of padding queries are not compared
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=mask, output_attentions=True).attentions
+
+    def check(attentions):
+        assert len(attentions) == config.num_hidden_layers
+        for g, r in zip(attentions, ref, strict=True):
+            assert g.shape == (2, config.num_attention_heads, 6, 6)
+            torch.testing.assert_close(g * valid, r * valid, atol=ATOL, rtol=RTOL)
+
+    with torch.no_grad():
+        check(fast(ids, attention_mask=mask, output_attentions=True).attentions)
+        fast.config.output_attentions = True
+        check(fast(ids, attention_mask=mask).attentions)
+        fast.save_pretrained(tmp_path / "saved")  # transformers validates the config there
+        rebuilt = model_class(fast.config).eval()  # the test's model_class(config)
+        if how == "optimize":
+            fastlm.optimize(rebuilt)
+        rebuilt.load_state_dict(fast.state_dict())
+        assert rebuilt.config._attn_implementation == "fastlm"
+        check(rebuilt(ids, attention_mask=mask).attentions)
+        fast.config.output_attentions = False
+        assert fast(ids, attention_mask=mask).attentions is None
+        # Asked for on an eager model, which then switches to fastlm.
+        switched = model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        switched.config.output_attentions = True
+        if how == "optimize":
+            fastlm.optimize(switched)
+        else:
+            switched.set_attn_implementation("fastlm")
+        check(switched(ids, attention_mask=mask).attentions)
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_output_attentions_in_generate_match_eager(tmp_path, cache):
     """Decode steps: queries newest over a cache (static: empty slots included in Sk)."""
