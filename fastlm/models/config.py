@@ -74,6 +74,10 @@ class _ConfigBase:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
         _positive_int(self, "num_labels")
+        if not self.id2label:
+            # transformers' names for unnamed labels; it reads num_labels from id2label, so a
+            # config.json without them would reload with a warning and the wrong count.
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(
                 f"{type(self).__name__}: problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}"

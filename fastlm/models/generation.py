@@ -15,6 +15,11 @@ Each step turns the last logits into the next token the way transformers does, i
     greedy: argmax(scores)
     sample: temperature -> top_k -> top_p, then multinomial(softmax, generator)
 
+The knobs take every value transformers takes, with its meaning: ``top_k`` 0 or None and
+``top_p`` None or >= 1 filter nothing, ``top_p`` 0 keeps the most likely token, and with
+``do_sample=False`` the sampling knobs are not read at all. An eos id outside the
+vocabulary (GPT-2's default 50256 with a small vocabulary, a negative id) is never generated.
+
 Finished rows (eos emitted) continue with ``pad_token_id`` (default: eos); generation stops
 when every row has finished, a stopping criterion says so, or at max_new_tokens/max_length.
 Finding out that every row finished reads the device, so it is asked every
@@ -66,15 +71,12 @@ def _check(gc: GenerationConfig, vocab: int) -> None:
     positive_int("max_length", 1)
     positive_int("min_new_tokens", 0, optional=True)
     positive_int("min_length", 0)
-    positive_int("top_k", 1, optional=True)
     positive_int("no_repeat_ngram_size", 0)
     positive_int("num_return_sequences", 1)
     positive_int("num_beams", 1)
-    if not isinstance(gc.temperature, (int, float)) or not gc.temperature > 0:
-        raise ValueError(f"{WHERE}: temperature must be > 0, got {gc.temperature!r}")
-    if not isinstance(gc.top_p, (int, float)) or not 0 < gc.top_p <= 1:
-        raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {gc.top_p!r}")
-    if not isinstance(gc.repetition_penalty, (int, float)) or not gc.repetition_penalty > 0:
+    if gc.do_sample:  # as in transformers, the sampling knobs are read (and checked) only then
+        _check_sampling(gc)
+    if _applies(gc.repetition_penalty, neutral=1.0) and not _positive_number(gc.repetition_penalty):
         raise ValueError(f"{WHERE}: repetition_penalty must be > 0, got {gc.repetition_penalty!r}")
     if gc.num_beams > 1:
         if gc.do_sample:
@@ -94,12 +96,44 @@ def _check(gc: GenerationConfig, vocab: int) -> None:
             f"{WHERE}: num_return_sequences={gc.num_return_sequences} needs do_sample=True "
             "(greedy decoding returns one sequence per prompt)"
         )
-    for name in ("eos_token_id", "pad_token_id"):
-        ids = _as_list(getattr(gc, name))
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(
-                f"{WHERE}: {name} must be token ids in [0, {vocab}), got {getattr(gc, name)!r}"
-            )
+    # An eos id outside the vocabulary (GPT-2's default 50256 with a small vocabulary, or a
+    # negative id) is accepted, as transformers accepts it: it is never generated, so it
+    # never stops a row. An explicit pad_token_id is fed to the model: it must be a token id.
+    if any(not _is_int(t) for t in _as_list(gc.eos_token_id)):
+        raise ValueError(f"{WHERE}: eos_token_id must be token ids (ints), got {gc.eos_token_id!r}")
+    pad = gc.pad_token_id
+    if pad is not None and not (_is_int(pad) and 0 <= pad < vocab):
+        raise ValueError(f"{WHERE}: pad_token_id must be a token id in [0, {vocab}), got {pad!r}")
+
+
+def _check_sampling(gc: GenerationConfig) -> None:
+    """transformers' limits on the sampling knobs, for the values that apply a filter."""
+    if _applies(gc.temperature, neutral=1.0) and not _positive_number(gc.temperature):
+        raise ValueError(f"{WHERE}: temperature must be > 0, got {gc.temperature!r}")
+    if _applies(gc.top_k, neutral=0) and not (_is_int(gc.top_k) and gc.top_k > 0):
+        raise ValueError(f"{WHERE}: top_k must be an int >= 0 or None, got {gc.top_k!r}")
+    if _top_p_filters(gc.top_p) and not gc.top_p >= 0:
+        raise ValueError(f"{WHERE}: top_p must be >= 0 (or None), got {gc.top_p!r}")
+
+
+def _applies(value, neutral) -> bool:
+    """Whether a knob set to ``value`` does anything: None and its neutral value do not."""
+    return value is not None and value != neutral
+
+
+def _top_p_filters(top_p) -> bool:
+    """top_p filters below 1; None and anything >= 1 keep every token (transformers' rule)."""
+    if top_p is not None and not isinstance(top_p, (int, float)):
+        raise ValueError(f"{WHERE}: top_p must be a number or None, got {top_p!r}")
+    return top_p is not None and top_p < 1.0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def _as_list(ids: int | list[int] | None) -> list[int]:
@@ -134,13 +168,15 @@ def no_repeat_ngram(scores: torch.Tensor, tokens: torch.Tensor, n: int) -> torch
     return scores.masked_fill(banned > 0, NEG_INF)
 
 
-def top_k_top_p(scores: torch.Tensor, temperature: float, top_k: int | None, top_p: float):
-    """transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper."""
-    scores = scores / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
+def top_k_top_p(scores: torch.Tensor, temperature, top_k, top_p):
+    """transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper; a knob
+    that filters nothing (see :func:`_applies`, :func:`_top_p_filters`) is skipped."""
+    if _applies(temperature, neutral=1.0):
+        scores = scores / temperature
+    if _applies(top_k, neutral=0) and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, NEG_INF)
-    if top_p < 1.0:
+    if _top_p_filters(top_p):
         sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
         cum = sorted_scores.softmax(-1).cumsum(-1)
         remove = cum <= (1 - top_p)
@@ -151,7 +187,7 @@ def top_k_top_p(scores: torch.Tensor, temperature: float, top_k: int | None, top
 
 def _process(gc, scores, tokens, valid, step: int, min_new: int, eos_ids: torch.Tensor):
     """The logits processors, in transformers' order (see the module docstring)."""
-    if gc.repetition_penalty != 1.0:
+    if _applies(gc.repetition_penalty, neutral=1.0):
         scores = repetition_penalty(scores, tokens, valid, gc.repetition_penalty)
     if gc.no_repeat_ngram_size > 0:
         scores = no_repeat_ngram(scores, tokens, gc.no_repeat_ngram_size)
@@ -230,7 +266,12 @@ def generate(
     min_new = gc.min_new_tokens if gc.min_new_tokens is not None else max(gc.min_length - seq, 0)
     eos = _as_list(gc.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    # The eos ids the model can produce; the others never stop a row (see _check).
+    eos_ids = torch.tensor([t for t in eos if 0 <= t < cfg.vocab_size], dtype=torch.long,
+                           device=input_ids.device)  # fmt: skip
+    # A finished row is fed its padding id, as in transformers, unless that id (eos[0] by
+    # default) is outside the vocabulary: then it is fed its own choice (its logits are unused).
+    feed_pad = 0 <= pad < cfg.vocab_size
 
     if gc.num_beams > 1 and (streamer is not None or stopping_criteria):
         raise NotImplementedError(
@@ -282,7 +323,7 @@ def generate(
         # Whether every row finished is a host read; it runs every EOS_CHECK_EVERY steps (every
         # step with a streamer, which must not see tokens past the end).
         check_every = 1 if streamer is not None else EOS_CHECK_EVERY
-        stops = bool(eos) or bool(stopping_criteria)
+        stops = bool(eos_ids.numel()) or bool(stopping_criteria)
         for step in range(max_new):
             length = seq + step
             scores = _process(gc, logits.float(), tokens[:, :length], valid[:, :length], step,
@@ -294,11 +335,11 @@ def generate(
                 nxt = scores.argmax(-1)
             if gc.output_scores:
                 scores_out.append(scores.clone())  # logits may be a graph's reused buffer
-            nxt = nxt.masked_fill(done, pad)
+            chosen, nxt = nxt, nxt.masked_fill(done, pad)
             tokens[:, length] = nxt
             if streamer is not None:
                 streamer.put(nxt.cpu())
-            if eos:
+            if eos_ids.numel():
                 done = done | torch.isin(nxt, eos_ids)
             if stopping_criteria:
                 done = done | _stop_requested(stopping_criteria, tokens[:, : length + 1], scores)
@@ -307,7 +348,7 @@ def generate(
                 if (step + 1) % check_every == 0 and bool(done.all()):
                     break
             if step + 1 < max_new:
-                logits = step_model(nxt)
+                logits = step_model(nxt if feed_pad else chosen)
         # Steps past the last row's end only appended padding: cut them (one host read).
         n = int(ran.max()) if stops else max_new
         return _result(gc, tokens[:, : seq + n], scores_out[:n], streamer)

@@ -136,6 +136,27 @@ def test_import_fastlm_does_not_import_transformers_and_registers_later():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+def test_output_attentions_config_validates_when_transformers_was_imported_first(tmp_path):
+    """A config class defined before fastlm registers (transformers and BertConfig imported
+    first) accepts output_attentions=True on "fastlm" too, save_pretrained's check included."""
+    code = (
+        "import sys, torch\n"
+        "from transformers import BertConfig, BertModel\n"
+        "import fastlm\n"
+        "config = BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,\n"
+        "                    intermediate_size=16, vocab_size=11)\n"
+        "model = BertModel._from_config(config, attn_implementation='fastlm').eval()\n"
+        "model.config.output_attentions = True\n"
+        "model.save_pretrained(sys.argv[1])\n"
+        "assert len(model(torch.ones(1, 3, dtype=torch.long)).attentions) == 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_revert_keeps_state_set_while_optimized():
     model = transformers.BertModel(tiny_bert_config()).eval()
     fastlm.optimize(model)

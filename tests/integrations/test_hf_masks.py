@@ -84,9 +84,10 @@ def test_static_cache_generate_matches_sdpa(tmp_path, calls, lengths):
     assert calls["attention"] == 2 * 6 and calls["sdpa"] == 0
 
 
-def test_static_cache_offset_on_device_is_materialised(tmp_path, calls, monkeypatch):
-    """A cache offset that is a GPU tensor cannot be read without a sync: the mask is
-    materialised over the whole cache instead, still exact."""
+def test_static_cache_decode_never_reads_the_offset(tmp_path, calls, monkeypatch):
+    """A cache offset that is a GPU tensor cannot be read without a sync: decode steps
+    compare it on the device instead (one query over the whole cache, its empty slots
+    masked), still fused and exact."""
     monkeypatch.setattr(hf_attention, "_host_int", lambda v: v if isinstance(v, int) else None)
     ref_model, fast = _twins(tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config())
     ids, mask = padded_batch(97, [7, 4], 7, left=True)
@@ -95,7 +96,7 @@ def test_static_cache_offset_on_device_is_materialised(tmp_path, calls, monkeypa
     assert torch.equal(got.sequences, ref.sequences)
     for g, r in zip(got.logits, ref.logits):
         torch.testing.assert_close(g, r, atol=ATOL, rtol=RTOL)
-    assert calls["sdpa"] > 0
+    assert calls["attention"] == 2 * 6 and calls["sdpa"] == 0
 
 
 def test_static_cache_generate_compiled_fullgraph(tmp_path):
@@ -108,6 +109,31 @@ def test_static_cache_generate_compiled_fullgraph(tmp_path):
     fast.forward = torch.compile(fast.forward, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(fast.generate(ids, **gen), ref_model.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("how", ["attn_implementation", "optimize"])
+def test_compiled_static_cache_generate_never_recompiles(tmp_path, how):
+    """transformers' test_generate_compile_model_forward_fullgraph: generate compiles the
+    forward (fullgraph, static shapes) for its decode steps; two generations of padded
+    prompts of one shape must reuse that graph at every step, and give the eager tokens."""
+    import fastlm
+
+    ref_model, fast = _twins(tmp_path, transformers.GPT2LMHeadModel, tiny_gpt2_config())
+    if how == "optimize":
+        fast = fastlm.optimize(ref_model.__class__.from_pretrained(tmp_path).eval())
+    compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    compile_config._compile_all_devices = True  # compile on CPU too (transformers' test does)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    ids, mask = padded_batch(97, [7, 5, 6, 7], 7, left=True)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (slice(0, 2), slice(2, 4)):
+            got = fast.generate(
+                ids[rows], attention_mask=mask[rows], compile_config=compile_config, **gen
+            )
+            ref = ref_model.generate(ids[rows], attention_mask=mask[rows], **gen)
+            assert torch.equal(got, ref)
+    assert hasattr(fast, "_compiled_call")  # the decode steps did run compiled
 
 
 # --- 2. packed, padding-free batches --------------------------------------------------------
@@ -282,6 +308,56 @@ def test_output_attentions_match_eager_with_gradients(tmp_path, arch):
         torch.testing.assert_close(g * valid, r * valid, atol=ATOL, rtol=RTOL)
         assert g.grad is not None
     assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("how", ["attn_implementation", "optimize"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_output_attentions_however_transformers_asks(tmp_path, how, arch):
+    """The steps of transformers' test_attention_outputs, on a model running fastlm:
+    forward(output_attentions=True), then config.output_attentions = True on the model's
+    config (which save_pretrained validates), and a new model built from that config; every
+    time one (B, H, S, S) tensor per layer, equal to eager attention."""
+    import fastlm
+
+    model_class, config = {
+        "bert": (transformers.BertModel, tiny_bert_config()),
+        "gpt2": (transformers.GPT2Model, tiny_gpt2_config()),
+    }[arch]
+    eager, fast = _twins(tmp_path, model_class, config, reference="eager")
+    if how == "optimize":
+        fast = fastlm.optimize(model_class.from_pretrained(tmp_path).eval())
+    ids, mask = padded_batch(config.vocab_size, [6, 4], 6, left=arch == "gpt2")
+    valid = mask.bool()[:, None, :, None]  # rows of padding queries are not compared
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=mask, output_attentions=True).attentions
+
+    def check(attentions):
+        assert len(attentions) == config.num_hidden_layers
+        for g, r in zip(attentions, ref, strict=True):
+            assert g.shape == (2, config.num_attention_heads, 6, 6)
+            torch.testing.assert_close(g * valid, r * valid, atol=ATOL, rtol=RTOL)
+
+    with torch.no_grad():
+        check(fast(ids, attention_mask=mask, output_attentions=True).attentions)
+        fast.config.output_attentions = True
+        check(fast(ids, attention_mask=mask).attentions)
+        fast.save_pretrained(tmp_path / "saved")  # transformers validates the config there
+        rebuilt = model_class(fast.config).eval()  # the test's model_class(config)
+        if how == "optimize":
+            fastlm.optimize(rebuilt)
+        rebuilt.load_state_dict(fast.state_dict())
+        assert rebuilt.config._attn_implementation == "fastlm"
+        check(rebuilt(ids, attention_mask=mask).attentions)
+        fast.config.output_attentions = False
+        assert fast(ids, attention_mask=mask).attentions is None
+        # Asked for on an eager model, which then switches to fastlm.
+        switched = model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        switched.config.output_attentions = True
+        if how == "optimize":
+            fastlm.optimize(switched)
+        else:
+            switched.set_attn_implementation("fastlm")
+        check(switched(ids, attention_mask=mask).attentions)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -186,3 +186,112 @@ def test_unsupported_arguments_raise_naming_them(tmp_path):
         ours.generate(ids, repetition_penalty=0.0)
     gc = transformers.GenerationConfig(max_new_tokens=2, do_sample=False)
     assert ours.generate(ids, generation_config=gc).shape == (1, 5)
+
+
+# Edge values of the sampling knobs transformers accepts, with its meaning: top_k 0 or None
+# and top_p None or >= 1 filter nothing, top_p 0 keeps only the most likely token,
+# temperature None or 1 scales nothing; with do_sample=False none of them is used, whatever
+# its value.
+ACCEPTED_KNOBS = {
+    "top_k=0": dict(do_sample=True, top_k=0),
+    "top_k=None": dict(do_sample=True, top_k=None),
+    "top_k>vocab": dict(do_sample=True, top_k=500),
+    "top_p=0": dict(do_sample=True, top_p=0.0, top_k=None),
+    "top_p=1.5": dict(do_sample=True, top_p=1.5),
+    "top_p=None": dict(do_sample=True, top_p=None),
+    "temperature=None": dict(do_sample=True, temperature=None),
+    "temperature=1": dict(do_sample=True, temperature=1),
+    "repetition_penalty=None": dict(do_sample=True, repetition_penalty=None),
+    "greedy-temperature=0": dict(do_sample=False, temperature=0.0),
+    "greedy-temperature<0": dict(do_sample=False, temperature=-1.0),
+    "greedy-top_p=-1": dict(do_sample=False, top_p=-1.0),
+    "greedy-top_k=-1": dict(do_sample=False, top_k=-1),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED_KNOBS))
+def test_sampling_knob_edge_values_mean_what_they_mean_in_transformers(tmp_path, case):
+    hf, ours = _pair(tmp_path)
+    ids, mask = _prompts()
+    kw = dict(ACCEPTED_KNOBS[case], max_new_tokens=6, pad_token_id=0)
+    torch.manual_seed(5)
+    ref = hf.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(5)
+    got = ours.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, ref), (case, got, ref)
+
+
+@pytest.mark.parametrize(
+    "knob,message",
+    [
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=1.5), "top_k"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_sampling_knob_values_transformers_rejects_raise(tmp_path, knob, message):
+    hf, ours = _pair(tmp_path)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    kw = dict(knob, do_sample=True, max_new_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError):
+        hf.generate(ids, **kw)
+    with pytest.raises(ValueError, match=message):
+        ours.generate(ids, **kw)
+
+
+@pytest.mark.parametrize(
+    "eos", [50256, -1, [50256, "first"], [-1, "first"]], ids=["above-vocab", "negative",
+                                                               "above-and-real", "negative-and-real"]
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["greedy", "min_new_tokens", "beams"])
+def test_eos_outside_the_vocabulary_is_never_generated(tmp_path, eos, mode):
+    """GPT-2's default eos (50256) with a small vocabulary, or a negative id: transformers
+    accepts both and never stops on them; an id inside the vocabulary beside them still
+    stops generation."""
+    hf, ours = _pair(tmp_path, init=0.3)
+    ids, mask = _prompts()
+    first = _first_greedy_token(hf, ids, mask)
+    eos = [first if t == "first" else t for t in eos] if isinstance(eos, list) else eos
+    kw = dict(eos_token_id=eos, pad_token_id=0, max_new_tokens=7, do_sample=False)
+    if mode == "min_new_tokens":
+        kw["min_new_tokens"] = 3
+    if mode == "beams":
+        kw["num_beams"] = 2
+    ref = hf.generate(ids, attention_mask=mask, **kw)
+    got = ours.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, ref), (got, ref)
+
+
+def test_default_eos_outside_a_small_vocabulary(tmp_path):
+    """A config keeping GPT-2's default eos/bos (50256) with a 97-token vocabulary: generate
+    runs to max_new_tokens and pads nothing, as transformers does."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(tiny_gpt2_config(eos_token_id=50256, bos_token_id=50256))
+    hf.eval().save_pretrained(tmp_path)
+    ours = fm.GPT2LMHeadModel.from_pretrained(tmp_path)
+    ids, mask = _prompts()
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0)
+    assert torch.equal(got, ref) and got.shape == (3, 10)
+    fresh = fm.GPT2LMHeadModel(fm.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11)).eval()
+    assert fresh.generate(torch.ones(1, 2, dtype=torch.long), max_new_tokens=3).shape == (1, 5)
+
+
+def test_finished_rows_padded_with_an_eos_outside_the_vocabulary(tmp_path):
+    """No pad_token_id: finished rows are padded with eos[0], as transformers pads them, even
+    where that id (50256) lies outside the vocabulary; it is written, never embedded
+    (transformers raises an IndexError embedding it)."""
+    hf, ours = _pair(tmp_path, init=0.3)
+    ids, mask = _prompts()
+    first = _first_greedy_token(hf, ids, mask)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref = hf.generate(ids, eos_token_id=first, pad_token_id=0, **kw)
+    got = ours.generate(ids, eos_token_id=[50256, first], **kw)
+    new = ref[:, 5:]
+    finished = (new == first).long().cumsum(1) - (new == first).long() > 0  # after the eos
+    assert finished.any()
+    assert torch.equal(got[:, :5], ids)
+    assert torch.equal(got[:, 5:], new.masked_fill(finished, 50256))

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -45,6 +47,54 @@ def test_save_pretrained_is_read_by_transformers_and_fastlm(tmp_path, name, cls,
     assert torch.equal(again, got)
     if name == "BertForSequenceClassification":
         assert hf.config.num_labels == back.config.num_labels == 3
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+LABEL_HEADS = [
+    (fm.BertForSequenceClassification, tiny_bert_config),
+    (fm.BertForTokenClassification, tiny_bert_config),
+    (fm.GPT2ForSequenceClassification, tiny_gpt2_config),
+    (fm.GPT2ForTokenClassification, tiny_gpt2_config),
+]
+
+
+@pytest.mark.parametrize("num_labels", [1, 2, 3])
+@pytest.mark.parametrize("cls,config", LABEL_HEADS, ids=[h[0].__name__ for h in LABEL_HEADS])
+def test_saved_labels_are_what_transformers_writes(tmp_path, cls, config, num_labels):
+    """A head built from a fastlm config (no id2label given) saves the labels transformers
+    would (LABEL_0 ...), so transformers reloads it without a warning and with the same
+    id2label/label2id as its own save of the same config."""
+    hf_cfg = config(num_labels=num_labels)
+    fields = {k: v for k, v in hf_cfg.to_dict().items() if k not in ("id2label", "label2id")}
+    ours = cls(cls.config_class.from_dict({**fields, "num_labels": num_labels})).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    getattr(transformers, cls.__name__)(hf_cfg).save_pretrained(tmp_path / "hf")
+    records = _Records()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            back = getattr(transformers, cls.__name__).from_pretrained(tmp_path / "ours")
+    finally:
+        hf_logger.removeHandler(records)
+    assert records.messages == [] and [str(w.message) for w in caught] == []
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert back.config.id2label == theirs.id2label and back.config.label2id == theirs.label2id
+    assert back.config.num_labels == num_labels
+    if num_labels != 2:  # transformers leaves its default (2 labels) out of its json
+        saved = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "hf")]
+        assert saved[0]["id2label"] == saved[1]["id2label"]
+        assert saved[0]["label2id"] == saved[1]["label2id"]
+    assert cls.from_pretrained(tmp_path / "ours").config.num_labels == num_labels
 
 
 def test_device_dtype_and_generation_config(tmp_path):

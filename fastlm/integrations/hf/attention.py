@@ -11,9 +11,14 @@ Fused (fastlm kernels):
 
 * plain causal or bidirectional attention, with or without padding: ``None`` or the
   (B, Sk) bool padding mask -> ``fastlm.attention(causal=..., key_padding_mask=...)``;
-* a static cache (``cache_implementation="static"``: queries at ``q_offset > 0``,
-  ``kv_length`` = the cache size), when the offset can be read for free (an int or an
-  eager CPU tensor): causal attention can see no key at or past
+* a decode step (one causal query at ``q_offset``, any cache): the (B, kv_length) bool mask
+  of the keys up to the query's own that the padding keeps, ``q_offset`` compared on the
+  device, never read. A static cache's empty slots are masked, not cut off: the mask's
+  shape must not follow the step, because generate builds it eagerly and passes it to the
+  forward it compiled for decoding (a length that grew every step would recompile it);
+* several queries into a static cache (``cache_implementation="static"``: queries at
+  ``q_offset``, ``kv_length`` = the cache size), when the offset can be read for free (an
+  int or an eager CPU tensor): causal attention can see no key at or past
   ``L = q_offset + Sq``, so the hook hands over the (B, L) bool padding mask and the
   attention runs bottom-right causal over the first L cached keys (the empty slots are cut
   off, not computed);
@@ -23,9 +28,10 @@ Fused (fastlm kernels):
 
 Fallback (logged once per reason):
 
-* any other mask function (sliding windows, or/and overlays, block overlays, a static cache
-  whose offset is a GPU tensor or traced by torch.compile): materialised as a (B, 1, Sq, Sk) bool mask by
-  transformers' own ``sdpa_mask`` -> torch SDPA;
+* any other mask function (sliding windows, or/and overlays, block overlays, several
+  queries into a static cache whose offset is a GPU tensor or traced by torch.compile):
+  materialised as a (B, 1, Sq, Sk) bool mask by transformers' own ``sdpa_mask`` -> torch
+  SDPA;
 * a 4-D bool or additive float mask (custom, or prepared by the model): torch SDPA with it;
 * ``output_attentions=True``: that call runs an explicit softmax over the dense form of
   whichever mask it got and returns the probabilities (B, H, Sq, Sk), with gradients.
@@ -66,26 +72,51 @@ def _host_int(value) -> int | None:
     return None
 
 
+def _over_keys(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A 2-D padding mask as bool over exactly ``n`` keys: cut, or extended with masked
+    columns (keys past the 2-D mask are empty, as in transformers' ``prepare_padding_mask``)."""
+    mask = mask.to(torch.bool)
+    if mask.shape[1] < n:
+        mask = F.pad(mask, (0, n - mask.shape[1]), value=False)
+    return mask[:, :n]
+
+
 def _padding_mask(attention_mask: torch.Tensor | None, valid: int, kv_length: int):
-    """The (B, valid) bool padding mask over the first ``valid`` keys (columns past the 2-D
-    mask are empty, i.e. masked, as in transformers' ``prepare_padding_mask``), or None when
-    nothing is masked and ``valid == kv_length``."""
+    """The (B, valid) bool padding mask over the first ``valid`` keys, or None when nothing
+    is masked and ``valid == kv_length``."""
     if attention_mask is None:
         return None
-    mask = attention_mask.to(torch.bool)
-    if mask.shape[1] < valid:
-        mask = F.pad(mask, (0, valid - mask.shape[1]), value=False)
-    mask = mask[:, :valid]
+    mask = _over_keys(attention_mask, valid)
     # An all-ones mask can be dropped (the kernels skip the mask loads, SDPA keeps its
     # unmasked path) where reading it is free; a mask shorter than the keys is kept: its
     # length is what cuts the empty cache slots off.
     return drop_full_mask(mask) if valid == kv_length else mask
 
 
+def _decode_mask(batch_size: int, kv_length: int, q_offset, attention_mask):
+    """(B, kv_length) bool, the keys one causal query at position ``q_offset`` attends: those
+    up to its own that the padding mask keeps (a static cache's empty slots are masked).
+
+    Its shape follows the cache, never the step, and ``q_offset`` (an int or a device
+    tensor) is compared on the device, never read: generate builds this mask eagerly and
+    hands it to the forward it compiled for the decode steps, where a mask whose length
+    follows the step would recompile that forward at every step."""
+    on = q_offset if isinstance(q_offset, torch.Tensor) else attention_mask
+    keys = torch.arange(kv_length, device=None if on is None else on.device)
+    mask = (keys <= q_offset)[None].expand(batch_size, kv_length)
+    if attention_mask is not None:
+        mask = mask & _over_keys(attention_mask, kv_length).to(mask.device)
+    return drop_full_mask(mask)
+
+
 def _fused_mask(kind, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask):
     """The fused form of a plain causal/bidirectional mask, or False when it has none."""
-    q_offset, kv_offset = _host_int(q_offset), _host_int(kv_offset)
-    if kv_offset != 0 or q_offset is None:
+    if _host_int(kv_offset) != 0:
+        return False
+    if kind == "causal" and q_length == 1:
+        return _decode_mask(batch_size, kv_length, q_offset, attention_mask)
+    q_offset = _host_int(q_offset)
+    if q_offset is None:
         return False
     # Causal: keys past q_offset + q_length are masked for every query (a static cache's
     # empty slots), so attending over the first ``valid`` keys bottom-right is exact.

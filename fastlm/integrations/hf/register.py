@@ -11,6 +11,10 @@ fastlm never imports it. Instead:
   attn_implementation="fastlm")`` then works whenever ``import fastlm`` happened first, at
   no import-time cost, and nothing happens if transformers is never used or not installed.
 
+Registering the attention function also lets configs running "fastlm" set
+``output_attentions=True``, which transformers allows only for "eager"
+(see output_attentions.py).
+
 Gate: transformers >= 5.0 (the AttentionInterface / AttentionMaskInterface API this
 integration targets; tested with 5.17 and 5.23). An older version gets a logged warning
 saying so, and no registration.
@@ -64,7 +68,10 @@ def _register(module_name: str) -> None:
         if module_name == _ATTN_MODULE:
             from transformers.modeling_utils import AttentionInterface
 
+            from fastlm.integrations.hf.output_attentions import allow_output_attentions
+
             AttentionInterface.register(NAME, fastlm_attention_forward)
+            allow_output_attentions()
         else:
             from transformers.masking_utils import AttentionMaskInterface
 
