@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
+import os
 import random
 import statistics
 import subprocess
@@ -336,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.shapes, args.paddings = ["minilm"], [(2, 16)], [0.0, 0.5]
         args.generate_shapes, args.new_tokens, args.sentences, args.repeats = [(1, 8)], 2, 16, 1
     res = Results("workloads", args.out)
+    previous = os.path.join(res.folder(), "workloads.json")
+    if args.append and os.path.exists(previous):
+        with open(previous) as f:
+            res.rows = json.load(f)["rows"]
     for workload in args.only.split(","):
         for dtype_name in args.dtypes.split(","):
             for kind in args.neighbour.split(","):

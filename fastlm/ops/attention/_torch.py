@@ -66,7 +66,10 @@ def _sdpa(
     empty = None
     if allowed is not None:
         empty = ~allowed.any(-1, keepdim=True)
-        allowed = allowed | empty
+        if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(empty.any()):
+            empty = None  # read for free on CPU: no empty row, so no pass over the output
+        else:
+            allowed = allowed | empty
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -125,15 +128,18 @@ def _group_attention(call, group, cu_q, cu_k, lens_q, lens_k) -> torch.Tensor:
     i, j = torch.arange(mq), torch.arange(mk)
     slots_q = torch.tensor([cu_q[b] for b in group])[:, None] + torch.minimum(i, lq[:, None] - 1)
     slots_k = torch.tensor([cu_k[b] for b in group])[:, None] + torch.minimum(j, lk[:, None] - 1)
-    dev = q.device
-    slots_q, slots_k = slots_q.to(dev), slots_k.to(dev)
+    qg, kg, vg = (
+        t.index_select(0, s.flatten().to(t.device)).view(*s.shape, *t.shape[1:])
+        for t, s in ((q, slots_q), (k, slots_k), (v, slots_k))
+    )
     if bool((lq == mq).all() and (lk == mk).all()):  # no padding: the plain batched call
-        return _padded(call, q[slots_q], k[slots_k], v[slots_k], None).flatten(0, 1)
+        return _padded(call, qg, kg, vg, None).flatten(0, 1)
     allowed = j[None, None, :] < lk[:, None, None]  # (n, max_q, max_k)
     if call.causal:
         allowed = allowed & (j[None, None, :] <= i[None, :, None] + (lk - lq)[:, None, None])
-    out = _sdpa(call, q[slots_q], k[slots_k], v[slots_k], allowed[:, None].to(dev))
-    return out[(i[None, :] < lq[:, None]).to(dev)]
+    out = _sdpa(call, qg, kg, vg, allowed[:, None].to(q.device)).flatten(0, 1)
+    rows = (torch.arange(len(group))[:, None] * mq + i[None, :])[i[None, :] < lq[:, None]]
+    return out.index_select(0, rows.to(q.device))
 
 
 def _positions(cu: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
