@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device>)"
     )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in workloads.json (a matrix measured in parts)",
+    )
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     args.shapes = _pairs(args.shapes)

@@ -196,3 +196,59 @@ def test_bad_inputs():
         fm.BertConfig(position_embedding_type="relative_key")
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         fm.BertConfig(hidden_size=30, num_attention_heads=4)
+
+
+# ----------------------------------------------------- when padding is skipped (CPU rule)
+
+
+def _mask_with_padding(batch: int, seq: int, padded: int) -> torch.Tensor:
+    """(batch, seq) long mask with exactly ``padded`` padded positions, from the row ends."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for n in range(padded):
+        mask[n % batch, seq - 1 - n // batch] = 0
+    return mask
+
+
+@pytest.mark.parametrize(
+    "padded, packs",
+    [(0, False), (3, False), (6, False), (7, True), (40, True), (64, True)],
+    ids=lambda v: str(v),
+)
+def test_packing_starts_at_the_padding_fraction_that_pays(padded, packs):
+    """64 positions: PACK_MIN_PADDING (10%) of them is 6.4, so 7 padded positions pack."""
+    from fastlm.models import bert
+
+    assert bert.PACK_MIN_PADDING == 0.10
+    mask = _mask_with_padding(4, 16, padded)
+    assert bert.skips_padding(mask) is packs
+    assert bert.skips_padding(None) is False
+
+
+@pytest.mark.parametrize("padded, packs", [(3, False), (20, True)])
+@pytest.mark.parametrize("route", ["fastlm.models", "optimize"])
+def test_each_route_takes_the_path_the_rule_picks(route, padded, packs, monkeypatch):
+    """The model packs exactly when the rule says so, and gives transformers' valid rows
+    either way."""
+    import copy
+
+    import fastlm
+    from fastlm.integrations.hf import optimize as opt_module
+    from fastlm.models import bert
+
+    calls = []
+    for module in (bert, opt_module):
+        real = module.unpad_input
+        monkeypatch.setattr(
+            module, "unpad_input", lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
+        )
+    torch.manual_seed(0)
+    hf = transformers.BertModel(tiny_bert_config(initializer_range=0.2)).eval()
+    ours = fm.BertModel.from_hf(hf) if route == "fastlm.models" else fastlm.optimize(copy.deepcopy(hf))
+    mask = _mask_with_padding(4, 16, padded)
+    ids = torch.randint(1, hf.config.vocab_size, (4, 16))
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).last_hidden_state
+        want = hf(ids, attention_mask=mask).last_hidden_state
+    assert bool(calls) is packs
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-4)
