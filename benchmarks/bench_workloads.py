@@ -347,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and os.path.exists(previous):
         with open(previous) as f:
             res.rows = json.load(f)["rows"]
+    cols = ["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms", "fastlm_ms",
+            "ratio"]  # fmt: skip
     for workload in args.only.split(","):
         for dtype_name in args.dtypes.split(","):
             for kind in args.neighbour.split(","):
                 WORKLOADS[workload](res, args, dtype_name, kind)
-    res.save(table_cols=["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms",
-                         "fastlm_ms", "ratio"])  # fmt: skip
+                res.save(table_cols=cols)  # after every cell: a killed run keeps what finished
     return 0
 
 

@@ -57,8 +57,10 @@ def _cat(*ts: torch.Tensor) -> torch.Tensor:
 # BertModel, once per layer under optimize()) and a few grouped attention calls instead of
 # one. With little padding that price is not repaid: below this fraction of padded
 # positions the padded batch runs as it is (one SDPA call with a key mask), as stock
-# transformers does. benchmarks/bench_workloads.py measures both sides of the line.
-PACK_MIN_PADDING = 0.10
+# transformers does. Measured (benchmarks/results/cpu/workloads.md, MiniLM fp32, 2-core
+# CPU): packing gave 0.94-1.07x stock at 10% padding (the padded path gives ~1.1x there),
+# 1.06-1.57x at 30%; the line sits between.
+PACK_MIN_PADDING = 0.20
 
 
 def skips_padding(mask: torch.Tensor | None) -> bool:

@@ -211,14 +211,14 @@ def _mask_with_padding(batch: int, seq: int, padded: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "padded, packs",
-    [(0, False), (3, False), (6, False), (7, True), (40, True), (64, True)],
+    [(0, False), (3, False), (12, False), (13, True), (40, True), (64, True)],
     ids=lambda v: str(v),
 )
 def test_packing_starts_at_the_padding_fraction_that_pays(padded, packs):
-    """64 positions: PACK_MIN_PADDING (10%) of them is 6.4, so 7 padded positions pack."""
+    """64 positions: PACK_MIN_PADDING (20%) of them is 12.8, so 13 padded positions pack."""
     from fastlm.models import bert
 
-    assert bert.PACK_MIN_PADDING == 0.10
+    assert bert.PACK_MIN_PADDING == 0.20
     mask = _mask_with_padding(4, 16, padded)
     assert bert.skips_padding(mask) is packs
     assert bert.skips_padding(None) is False

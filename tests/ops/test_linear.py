@@ -13,8 +13,9 @@ from fastlm.ops.linear import FEW_ROWS, linear
 
 @pytest.fixture
 def streamed(monkeypatch):
-    """Small test weights take the streamed form too."""
+    """Small test weights take the streamed form too, whatever this host measures."""
     monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
+    monkeypatch.setattr(module, "FORM", "streamed")
 
 
 def _calls(monkeypatch):
@@ -66,6 +67,35 @@ def test_what_keeps_f_linear(monkeypatch):
     linear(x, torch.randn(8, 5).t())  # a column-major weight: not the row-major stream
     assert seen == []
     assert 1 in FEW_ROWS and 16 in FEW_ROWS and 17 not in FEW_ROWS
+
+
+@pytest.mark.parametrize("streamed_ms, linear_ms, wins", [(1.0, 2.0, True), (2.0, 1.0, False)])
+def test_measured_form_is_the_faster_one_and_measured_once(monkeypatch, streamed_ms, linear_ms,
+                                                           wins):  # fmt: skip
+    monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
+    monkeypatch.setattr(module, "FORM", "measure")
+    monkeypatch.setattr(module, "_measured", {})
+    timings = iter([streamed_ms, linear_ms])
+    measured = []
+    monkeypatch.setattr(module, "_best_ms", lambda fn: measured.append(fn) or next(timings))
+    seen = _calls(monkeypatch)
+    w = torch.randn(5, 8)
+    for _ in range(3):
+        got = linear(torch.randn(2, 8), w)
+    assert len(measured) == 2  # both forms timed, once for this key
+    assert seen == (["mm"] * 3 if wins else [])
+    assert got.shape == (2, 5)
+
+
+def test_pinned_forms_and_a_wrong_setting(monkeypatch):
+    monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
+    seen = _calls(monkeypatch)
+    monkeypatch.setattr(module, "FORM", "linear")
+    linear(torch.randn(2, 8), torch.randn(5, 8))
+    assert seen == []
+    monkeypatch.setattr(module, "FORM", "fastest")
+    with pytest.raises(ValueError, match="FASTLM_CPU_LINEAR must be one of"):
+        linear(torch.randn(2, 8), torch.randn(5, 8))
 
 
 def test_gpt2_weights_are_past_the_streamed_bound():
