@@ -243,7 +243,9 @@ def test_each_route_takes_the_path_the_rule_picks(route, padded, packs, monkeypa
         )
     torch.manual_seed(0)
     hf = transformers.BertModel(tiny_bert_config(initializer_range=0.2)).eval()
-    ours = fm.BertModel.from_hf(hf) if route == "fastlm.models" else fastlm.optimize(copy.deepcopy(hf))
+    ours = (
+        fm.BertModel.from_hf(hf) if route == "fastlm.models" else fastlm.optimize(copy.deepcopy(hf))
+    )
     mask = _mask_with_padding(4, 16, padded)
     ids = torch.randint(1, hf.config.vocab_size, (4, 16))
     with torch.no_grad():
