@@ -98,19 +98,17 @@ def _varlen_grouped(call: AttentionCall) -> torch.Tensor:
     cu_q, cu_k = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
     lens_q = [e - s for s, e in itertools.pairwise(cu_q)]
     lens_k = [e - s for s, e in itertools.pairwise(cu_k)]
-    outs, rows = [], []
-    for group in length_groups(lens_q, lens_k):
-        outs.append(_group_attention(call, group, cu_q, cu_k, lens_q, lens_k))
-        rows += [torch.arange(cu_q[b], cu_q[b + 1]) for b in group]
+    groups = length_groups(lens_q, lens_k)
+    outs = [_group_attention(call, g, cu_q, cu_k, lens_q, lens_k) for g in groups]
+    order = [b for g in groups for b in g]
+    if order == list(range(len(lens_q))):  # every sequence, already in packed order
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
     total, heads, dv = call.q.shape[0], call.q.shape[1], call.v.shape[-1]
+    result = call.q.new_zeros((total, heads, dv))  # queries of a sequence with no keys: 0
     if not outs:
-        return call.q.new_zeros((total, heads, dv))
-    out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-    perm = torch.cat(rows)
-    if perm.numel() == total and bool((perm[1:] > perm[:-1]).all()):
-        return out.contiguous()  # every token, already in packed order
-    # Rows outside every group (queries of a sequence with no keys) stay zero.
-    return call.q.new_zeros((total, heads, dv)).index_copy(0, perm.to(call.q.device), out)
+        return result
+    rows = torch.cat([torch.arange(cu_q[b], cu_q[b + 1]) for b in order])
+    return result.index_copy(0, rows.to(call.q.device), torch.cat(outs, 0))
 
 
 def _group_attention(call, group, cu_q, cu_k, lens_q, lens_k) -> torch.Tensor:
