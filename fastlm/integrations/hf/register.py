@@ -13,7 +13,8 @@ fastlm never imports it. Instead:
 
 Registering the attention function also lets configs running "fastlm" set
 ``output_attentions=True``, which transformers allows only for "eager"
-(see output_attentions.py).
+(see output_attentions.py), and makes models that run attention only eagerly (MPNet)
+refuse "fastlm" when loaded, as transformers refuses "sdpa" for them (see eager_only.py).
 
 Gate: transformers >= 5.0 (the AttentionInterface / AttentionMaskInterface API this
 integration targets; tested with 5.17 and 5.23). An older version gets a logged warning
@@ -68,10 +69,12 @@ def _register(module_name: str) -> None:
         if module_name == _ATTN_MODULE:
             from transformers.modeling_utils import AttentionInterface
 
+            from fastlm.integrations.hf.eager_only import refuse_eager_only_models
             from fastlm.integrations.hf.output_attentions import allow_output_attentions
 
             AttentionInterface.register(NAME, fastlm_attention_forward)
             allow_output_attentions()
+            refuse_eager_only_models()
         else:
             from transformers.masking_utils import AttentionMaskInterface
 

@@ -1,0 +1,289 @@
+"""The classes fastlm.optimize gives transformers layers: one fused computation per layout,
+one forward per way transformers calls a layer.
+
+A fused class is ``FastLM<LayerClass>(<call mixin>, <LayerClass>)``: the transformers layer
+class with a forward that runs fastlm's modules (kept in the layer's ``_fastlm_parts``, not
+registered, so state_dict keys do not change). The classes are built from the declarations
+in families.py the first time they are needed, and live in this module's namespace under
+their ``__qualname__``, so an optimized model pickles; unpickling builds the class again
+through the module ``__getattr__`` below.
+
+Post-norm encoder (all "bert", "mask" and "mpnet" calls), per layer::
+
+    a = LN1(x + dropout(attention(x)))          # SelfAttention over q/k/v and out, fused add
+    y = LN2(a + dropout(fc2(gelu(fc1(a)))))     # GeluFFN: bias+GELU and the add in the GEMMs
+
+On eager CPU, given a padded batch with enough padding to pay for it (the cost rule of
+fastlm.models.bert.skips_padding), the layer packs the valid tokens (``unpad_input``), runs
+every GEMM, LayerNorm and attention (``attention_varlen``) on those T rows only, and
+scatters them back (``pad_input``); padded positions of its output hold zeros (transformers
+computes values there that nothing should read). On CUDA and under torch.compile, reading
+the mask to pack would be a sync or a graph break: the layer attends over the padded batch
+with the key padding mask instead.
+
+Per call, a layer hands its self-attention to transformers' own attention module when
+fastlm.nn.SelfAttention cannot serve the call (see :func:`unfused_self_attention_reason`),
+logged once per reason; the FFN stays fused ("bert" calls) or the whole layer runs
+transformers' forward over fastlm's LayerNorms ("mask" calls, which have no cross-attention
+to keep fused).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastlm.integrations.hf.attention import attentions_requested
+from fastlm.integrations.hf.families import FAMILIES, EncoderLayout, Family
+from fastlm.integrations.hf.log import log_once
+from fastlm.models.bert import skips_padding
+from fastlm.nn import GeluFFN, SelfAttention
+from fastlm.ops.padding import pad_input, unpad_input
+
+PARTS = "_fastlm_parts"
+
+
+class Parts(NamedTuple):
+    """The fastlm modules a layer runs over its own children, and the children it calls
+    between them (resolved once at optimize time, not looked up per call)."""
+
+    attention: SelfAttention | None
+    ffn: GeluFFN
+    out_dropout: nn.Module | None = None
+    attention_norm: nn.Module | None = None
+    ffn_dropout: nn.Module | None = None
+    ffn_norm: nn.Module | None = None
+
+
+def encoder_parts(layer: nn.Module, layout: EncoderLayout, approximate: str) -> Parts:
+    attention = None
+    if layout.attention is not None:
+        sa = layout.get(layer, layout.attention)
+        attention = SelfAttention.from_linears(
+            tuple(getattr(sa, name) for name in (layout.query, layout.key, layout.value)),
+            layout.get(layer, layout.out), getattr(sa, layout.heads),
+            causal=bool(getattr(sa, layout.causal, False)),
+            dropout=getattr(sa, layout.probs_dropout).p, softmax_scale=getattr(sa, layout.scaling),
+        )  # fmt: skip
+        attention.train(layer.training)
+    ffn = GeluFFN.from_linears(
+        layout.get(layer, layout.fc1), layout.get(layer, layout.fc2), approximate
+    )
+    return Parts(
+        attention, ffn, layout.get(layer, layout.out_dropout),
+        layout.get(layer, layout.attention_norm), layout.get(layer, layout.ffn_dropout),
+        layout.get(layer, layout.ffn_norm),
+    )  # fmt: skip
+
+
+def decoder_parts(mlp: nn.Module, approximate: str) -> Parts:
+    """A pre-norm decoder's MLP (``c_fc``, ``c_proj``: nn.Linear or Conv1D) as a GeluFFN."""
+    return Parts(None, GeluFFN.from_linears(mlp.c_fc, mlp.c_proj, approximate))
+
+
+def gpt2_parts(block: nn.Module, approximate: str) -> Parts:
+    return decoder_parts(block.mlp, approximate)
+
+
+class _FastLayer:
+    """Mixin: ``train()``/``eval()`` reach the unregistered parts too (attention dropout)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        parts = self.__dict__[PARTS]
+        for part in (parts.attention, parts.ffn):
+            if part is not None:
+                part.train(mode)
+        return self
+
+
+class _PostNormEncoder(_FastLayer):
+    """The fused post-norm encoder layer (see the module docstring)."""
+
+    def _fused_layer(self, hidden_states, mask):
+        """The whole layer over a padded batch and its (B, S) key padding mask (or None),
+        on the valid tokens only when that pays (``skips_padding``)."""
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and skips_padding(mask):
+            batch, seq = mask.shape
+            tokens, where, cu_seqlens, max_seqlen = unpad_input(hidden_states, mask)
+            x = self._fused_self_attention(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return pad_input(self._fused_ffn(x), where, batch, seq)
+        return self._fused_ffn(self._fused_self_attention(hidden_states, mask))
+
+    def _fused_self_attention(self, x, key_padding_mask=None, **packed):
+        """LN(x + dropout(attention(x))) over a padded (B, S, H) batch with its key padding
+        mask, or over packed (T, H) tokens with ``cu_seqlens``/``max_seqlen``."""
+        parts = self.__dict__[PARTS]
+        a = parts.attention(x, key_padding_mask, **packed)  # includes the output projection
+        if self.training and parts.out_dropout is not None:
+            a = parts.out_dropout(a)
+        return parts.attention_norm(a, residual=x)[0]
+
+    def _fused_ffn(self, x):
+        """LN(x + FFN(x)), the residual add in the second GEMM's epilogue."""
+        parts = self.__dict__[PARTS]
+        dropout = parts.ffn_dropout
+        if self.training and dropout is not None and dropout.p > 0:
+            # the dropout sits between fc2 and the residual add
+            return parts.ffn_norm(dropout(parts.ffn(x)), residual=x)[0]
+        return parts.ffn_norm(parts.ffn(x, residual=x))
+
+
+class _BertCall(_PostNormEncoder):
+    """BERT and the architectures that copied its layer (RoBERTa, XLM-RoBERTa, CamemBERT,
+    ELECTRA): ``(hidden, mask, encoder_hidden_states, encoder_attention_mask, cache)``, with
+    cross-attention in decoders and KV caches in generate."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, **kwargs):  # fmt: skip
+        # The cache stays in kwargs under the name the encoder used (transformers renamed it
+        # past_key_values -> cache), so transformers' modules below receive it unchanged.
+        cross = encoder_hidden_states is not None and self.is_decoder
+        if cross and not hasattr(self, "crossattention"):
+            return super().forward(  # transformers' own error for this misuse
+                hidden_states, attention_mask, encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, **kwargs,
+            )  # fmt: skip
+        unfused = unfused_self_attention_reason(attention_mask, kwargs)
+        if unfused is None and not cross:
+            return self._fused_layer(hidden_states, attention_mask)
+        if unfused is None:
+            x = self._fused_self_attention(hidden_states, attention_mask)
+        else:
+            _log_unfused(self, unfused)
+            x, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        if cross:  # transformers' cross-attention module (on the "fastlm" attention function)
+            x, _ = self.crossattention(
+                x, None, encoder_hidden_states, encoder_attention_mask, **kwargs
+            )
+        return self._fused_ffn(x)
+
+
+class _MaskCall(_PostNormEncoder):
+    """Encoder-only layers called as ``(hidden, mask)`` (DistilBERT, ALBERT). A call the
+    fused attention cannot serve runs transformers' forward (over fastlm's LayerNorms)."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        unfused = unfused_self_attention_reason(attention_mask, kwargs)
+        if unfused is not None:
+            _log_unfused(self, unfused)
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        return self._fused_layer(hidden_states, attention_mask)
+
+
+class _MPNetCall(_PostNormEncoder):
+    """MPNet: its self-attention adds a relative position bias to the scores, which no
+    fastlm attention takes, so transformers' MPNetAttention runs it (on the model's own mask
+    and bias); the FFN and both residual LayerNorms are fused."""
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None,
+                output_attentions=False, **kwargs):  # fmt: skip
+        outputs = self.attention(
+            hidden_states, attention_mask, position_bias=position_bias,
+            output_attentions=output_attentions,
+        )  # fmt: skip
+        return (self._fused_ffn(outputs[0]), *outputs[1:])
+
+
+class _GPT2Call(_FastLayer):
+    """GPT-2's block: transformers' GPT2Attention (which owns the KV cache of generate())
+    on the "fastlm" attention function, each residual add fused into the LayerNorm after
+    it, the MLP as a GeluFFN."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, use_cache=False, **kwargs):  # fmt: skip
+        cross = encoder_hidden_states is not None
+        if cross and not hasattr(self, "crossattention"):
+            return super().forward(  # transformers' own error for this misuse
+                hidden_states, cache, attention_mask, encoder_hidden_states,
+                encoder_attention_mask, use_cache, **kwargs,
+            )  # fmt: skip
+        # The cache goes positionally: transformers renamed that argument (past_key_values -> cache).
+        a, _ = self.attn(
+            self.ln_1(hidden_states), cache, attention_mask=attention_mask, use_cache=use_cache,
+            **kwargs,
+        )  # fmt: skip
+        if cross:  # transformers' GPT2Attention (on the "fastlm" attention function)
+            x, r = self.ln_cross_attn(a, residual=hidden_states)
+            a, _ = self.crossattention(
+                x, cache, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+            )  # fmt: skip
+            hidden_states = r
+        x, r = self.ln_2(a, residual=hidden_states)
+        return r + self.mlp.dropout(self.__dict__[PARTS].ffn(x))
+
+
+class _DecoderMLP(_FastLayer):
+    """A pre-norm decoder's MLP (GPT-BigCode): ``dropout(c_proj(gelu(c_fc(x))))`` as one
+    GeluFFN. Only the MLP changes class, so the block's forward, its attention on the
+    "fastlm" function and its KV cache stay transformers', whatever the block's signature."""
+
+    def forward(self, hidden_states):
+        return self.dropout(self.__dict__[PARTS].ffn(hidden_states))
+
+
+_CALLS = {"bert": _BertCall, "mask": _MaskCall, "mpnet": _MPNetCall, "gpt2": _GPT2Call,
+          "decoder": _DecoderMLP}  # fmt: skip
+
+
+def make_parts(family: Family):
+    """``(module, approximate) -> Parts`` for the module that changes class in ``family``."""
+    if family.call == "gpt2":
+        return gpt2_parts
+    if family.call == "decoder":
+        return decoder_parts
+    return lambda layer, approximate: encoder_parts(layer, family.layout, approximate)
+
+
+def fused_class(family: Family, base: type) -> type:
+    """``FastLM<base>``: ``base`` (the transformers class named by ``family.layer``) run by
+    fastlm; built once, kept in this module's namespace so that pickle finds it."""
+    name = "FastLM" + base.__name__
+    cls = globals().get(name)
+    if cls is None:
+        doc = f"A transformers {base.__name__} run by fastlm ({family.name}; see fastlm.integrations.hf.fused_layers)."
+        cls = type(
+            name,
+            (_CALLS[family.call], base),
+            {"__module__": __name__, "__qualname__": name, "__doc__": doc},
+        )
+        globals()[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    """Unpickling an optimized model looks its fused classes up here: build them."""
+    for family in FAMILIES:
+        if name == "FastLM" + family.layer:
+            base = getattr(importlib.import_module(family.module), family.layer)
+            return fused_class(family, base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def unfused_self_attention_reason(attention_mask, kwargs: dict) -> str | None:
+    """Why fastlm.nn.SelfAttention cannot serve this call (None when it can): it takes no KV
+    cache, returns no probabilities, and masks only by key padding; a 4-D mask (another
+    attention implementation's, or the user's), packed segment ids or a BlockMask go to
+    transformers' attention module, which hands them to the configured attention function."""
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "calls with a KV cache"
+    if attentions_requested():
+        return "output_attentions"
+    if attention_mask is None or (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+        and attention_mask.dtype == torch.bool
+    ):
+        return None
+    return "masks other than key padding (4-D, packed segment ids, block masks)"
+
+
+def _log_unfused(layer: nn.Module, reason: str) -> None:
+    log_once(
+        "fastlm.optimize",
+        f"{type(layer).__name__[len('FastLM') :]} self-attention through transformers' modules for {reason}",
+    )
