@@ -17,7 +17,10 @@ On eager CPU, given a padded batch with enough padding to pay for it (the cost r
 fastlm.models.bert.skips_padding), the layer packs the valid tokens (``unpad_input``), runs
 every GEMM, LayerNorm and attention (``attention_varlen``) on those T rows only, and
 scatters them back (``pad_input``); padded positions of its output hold zeros (transformers
-computes values there that nothing should read). On CUDA and under torch.compile, reading
+computes values there: queries at padding). No head but question answering reads them: its
+start/end softmax spans the padded positions too, so a backbone under a
+``...ForQuestionAnswering`` head keeps the padded layout and matches transformers' loss
+(optimize.py sets ``Parts.skip_padding``). On CUDA and under torch.compile, reading
 the mask to pack would be a sync or a graph break: the layer attends over the padded batch
 with the key padding mask instead.
 
@@ -56,6 +59,8 @@ class Parts(NamedTuple):
     attention_norm: nn.Module | None = None
     ffn_dropout: nn.Module | None = None
     ffn_norm: nn.Module | None = None
+    # False under a head whose loss reads the padded positions (see optimize.py)
+    skip_padding: bool = True
 
 
 def encoder_parts(layer: nn.Module, layout: EncoderLayout, approximate: str) -> Parts:
@@ -106,7 +111,12 @@ class _PostNormEncoder(_FastLayer):
     def _fused_layer(self, hidden_states, mask):
         """The whole layer over a padded batch and its (B, S) key padding mask (or None),
         on the valid tokens only when that pays (``skips_padding``)."""
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and skips_padding(mask):
+        if (
+            self.__dict__[PARTS].skip_padding
+            and isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and skips_padding(mask)
+        ):
             batch, seq = mask.shape
             tokens, where, cu_seqlens, max_seqlen = unpad_input(hidden_states, mask)
             x = self._fused_self_attention(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

@@ -131,6 +131,10 @@ def _parts_or_none(family: Family, config):
     return partial(fused_layers.make_parts(family), approximate=approximate)
 
 
+def _keeping_padded_rows(make):
+    return lambda layer: make(layer)._replace(skip_padding=False)
+
+
 def _residual_norms(family: Family, layer: nn.Module) -> list[nn.Module]:
     """The LayerNorms the fused class calls with ``residual=``."""
     if family.layout is not None:
@@ -155,9 +159,23 @@ def _relative_positions(family: Family, layers: list[nn.Module]) -> set[str]:
     return found - {"absolute"}
 
 
-def _optimize_backbone(backbone: nn.Module, family: Family, swaps: _Swaps) -> bool:
+def _under_padding_readers(model: nn.Module) -> set[int]:
+    """ids of the modules inside a question-answering model: its loss is a softmax over
+    every position, padded ones included, so its backbone must compute them as
+    transformers does (the padded layout), not leave zeros there (the packed one)."""
+    found = set()
+    for module in model.modules():
+        if type(module).__name__.endswith("ForQuestionAnswering"):
+            found.update(id(m) for m in module.modules())
+    return found
+
+
+def _optimize_backbone(
+    backbone: nn.Module, family: Family, swaps: _Swaps, skip_padding: bool
+) -> bool:
     """Swaps the layers, then every other LayerNorm of ``backbone``; False (nothing changed)
-    when the whole backbone is left to transformers."""
+    when the whole backbone is left to transformers. ``skip_padding``: whether its layers
+    may run packed (see fused_layers)."""
     layer_cls = getattr(sys.modules[family.module], family.layer)
     # modules() yields a shared module once (ALBERT runs one layer object many times)
     layers = [m for m in backbone.modules() if isinstance(m, layer_cls)]
@@ -169,6 +187,8 @@ def _optimize_backbone(backbone: nn.Module, family: Family, swaps: _Swaps) -> bo
     if family.not_fused:
         log_once("fastlm.optimize", f"{family.name}: {family.not_fused}")
     parts = _parts_or_none(family, backbone.config)
+    if parts is not None and not skip_padding:
+        parts = _keeping_padded_rows(parts)
     for layer in layers:
         fast = fused_layers.fused_class(family, layer_cls)
         swaps.swap_layer(layer, layer_cls, fast, parts, _residual_norms(family, layer))
@@ -199,7 +219,10 @@ def optimize(model: nn.Module) -> nn.Module:
         )
     swaps = _Swaps()
     try:
-        served = [(b, f) for b, f in backbones if _optimize_backbone(b, f, swaps)]
+        readers = _under_padding_readers(model)
+        served = [
+            (b, f) for b, f in backbones if _optimize_backbone(b, f, swaps, id(b) not in readers)
+        ]
     except BaseException:
         swaps.undo()  # all or nothing
         raise

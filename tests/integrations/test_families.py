@@ -1,0 +1,393 @@
+"""fastlm.optimize() on every transformers family it declares (families.py) besides BERT and
+GPT-2, whose own tests are test_hf.py and test_optimize_coverage.py: RoBERTa, XLM-RoBERTa,
+CamemBERT, ELECTRA, DistilBERT, ALBERT, MPNet and GPT-BigCode. Tiny random models (CPU,
+fp32) against the same transformers model un-optimized: every task head's outputs on valid
+tokens, losses and parameter gradients; revert; torch.save; the padding skipped; the torch,
+reference and Triton (interpreter) backends; attn_implementation="fastlm" served or refused
+at load time; GPT-BigCode's generate (greedy, beam, sampling), multi-query and not."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import backends
+from tests.models.util import assert_grads_close, padded_batch, param_grads, transformers
+
+T = transformers
+ATOL, RTOL = 2e-5, 1e-4
+VOCAB = 61
+# At the default initializer_range (0.02) a tiny model's attention barely moves its outputs;
+# at 0.2 a wrong mask or a dropped residual moves them by ~1.
+INIT = dict(initializer_range=0.2)
+_ENC = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=48,
+            vocab_size=VOCAB, max_position_embeddings=40, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, **INIT)  # fmt: skip
+_ROBERTA = dict(_ENC, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+
+
+def _configs() -> dict:
+    return {
+        "roberta": T.RobertaConfig(**_ROBERTA),
+        "xlm-roberta": T.XLMRobertaConfig(**_ROBERTA),
+        "camembert": T.CamembertConfig(**_ROBERTA),
+        "electra": T.ElectraConfig(**_ENC, embedding_size=16),
+        "distilbert": T.DistilBertConfig(
+            dim=32,
+            n_heads=2,
+            n_layers=2,
+            hidden_dim=48,
+            vocab_size=VOCAB,
+            max_position_embeddings=40,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **INIT,
+        ),
+        # three layers sharing one AlbertLayer object; ALBERT's default activation is gelu_new
+        "albert": T.AlbertConfig(
+            **dict(_ENC, num_hidden_layers=3),
+            embedding_size=16,
+            num_hidden_groups=1,
+            inner_group_num=1,
+        ),
+        "mpnet": T.MPNetConfig(**_ROBERTA),
+        "gpt-bigcode": T.GPTBigCodeConfig(
+            n_embd=32,
+            n_head=2,
+            n_layer=2,
+            vocab_size=VOCAB,
+            n_positions=40,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **INIT,
+        ),
+    }
+
+
+CONFIGS = _configs()
+FAMILIES = list(CONFIGS)
+ENCODERS = [f for f in FAMILIES if f != "gpt-bigcode"]
+FUSED_ATTENTION = [f for f in ENCODERS if f != "mpnet"]  # MPNet: relative position bias
+
+HEADS = {
+    "roberta": ["Model", "ForSequenceClassification", "ForTokenClassification",
+                "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
+    "xlm-roberta": ["Model", "ForSequenceClassification", "ForTokenClassification",
+                    "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
+    "camembert": ["Model", "ForSequenceClassification", "ForTokenClassification",
+                  "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
+    "electra": ["Model", "ForSequenceClassification", "ForTokenClassification",
+                "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForPreTraining",
+                "ForCausalLM"],
+    "distilbert": ["Model", "ForSequenceClassification", "ForTokenClassification",
+                   "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice"],
+    "albert": ["Model", "ForSequenceClassification", "ForTokenClassification",
+               "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForPreTraining"],
+    "mpnet": ["Model", "ForSequenceClassification", "ForTokenClassification",
+              "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice"],
+    "gpt-bigcode": ["Model", "ForCausalLM", "ForSequenceClassification", "ForTokenClassification"],
+}  # fmt: skip
+PREFIX = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+          "electra": "Electra", "distilbert": "DistilBert", "albert": "Albert", "mpnet": "MPNet",
+          "gpt-bigcode": "GPTBigCode"}  # fmt: skip
+CASES = [(family, head) for family in FAMILIES for head in HEADS[family]]
+
+
+def _model(family: str, head: str = "Model", **config_changes):
+    config = copy.deepcopy(CONFIGS[family])
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    if head == "ForCausalLM" and family != "gpt-bigcode":
+        config.is_decoder = True
+    torch.manual_seed(0)
+    return getattr(T, PREFIX[family] + head)(config).eval()
+
+
+def _twins(model):
+    """(reference, optimized): the same weights; the reference on transformers' default
+    attention (sdpa, or eager where that is all the model runs)."""
+    return model, fastlm.optimize(copy.deepcopy(model))
+
+
+def _batch(family: str, lengths=(9, 5, 2), seq: int = 9):
+    """Right-padded ids and mask; ids avoid the pad id (RoBERTa-likes derive positions
+    from it) and, for decoders, the ids are any token."""
+    return padded_batch(VOCAB, list(lengths), seq, low=3)
+
+
+def _inputs(family: str, head: str) -> tuple[dict, torch.Tensor | None]:
+    """The head's inputs with labels, and the mask selecting the valid positions of its
+    first output (None: compare all of it)."""
+    ids, mask = _batch(family)
+    batch = ids.shape[0]
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    if head == "ForMultipleChoice":
+        ids2, mask2 = _batch(family, (4, 9, 6))
+        inputs = dict(input_ids=torch.stack([ids, ids2], 1), attention_mask=torch.stack([mask, mask2], 1),
+                      labels=torch.tensor([0, 1, 1]))  # fmt: skip
+        valid = None
+    elif head == "ForSequenceClassification":
+        inputs["labels"] = torch.tensor([0, 1, 1])
+        valid = None
+    elif head == "ForTokenClassification":
+        inputs["labels"] = torch.randint(0, 2, ids.shape).masked_fill(mask == 0, -100)
+    elif head == "ForQuestionAnswering":
+        inputs.update(
+            start_positions=torch.tensor([1, 2, 0]), end_positions=torch.tensor([3, 4, 1])
+        )
+    elif head in ("ForMaskedLM", "ForCausalLM"):
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    elif head == "ForPreTraining":
+        if family == "albert":
+            inputs.update(
+                labels=ids.masked_fill(mask == 0, -100),
+                sentence_order_label=torch.tensor([0, 1, 0]),
+            )
+        else:  # ELECTRA's discriminator: which tokens were replaced
+            inputs["labels"] = torch.randint(0, 2, ids.shape)
+    assert batch == 3
+    return inputs, valid
+
+
+def _first(output) -> torch.Tensor:
+    for key in ("logits", "start_logits", "prediction_logits", "last_hidden_state"):
+        if key in output:
+            return output[key]
+    raise AssertionError(f"no output to compare among {list(output.keys())}")
+
+
+def _run(model, inputs: dict, valid):
+    """The first output and the parameter gradients of the loss (of the output's squares on
+    valid positions for a bare model)."""
+    model.zero_grad()
+    out = model(**inputs)
+    first = _first(out)
+    picked = first if valid is None else first[valid]
+    loss = out.loss if out.get("loss") is not None else picked.square().sum()
+    loss.backward()
+    return picked.detach(), loss.detach(), param_grads(model)
+
+
+def _fused_names(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FastLM")}
+
+
+@pytest.mark.parametrize(("family", "head"), CASES, ids=[f"{f}-{h}" for f, h in CASES])
+def test_every_head_matches_transformers(family, head):
+    ref, fast = _twins(_model(family, head))
+    assert _fused_names(fast), "nothing changed class"
+    inputs, valid = _inputs(family, head)
+    want, want_loss, want_grads = _run(ref, inputs, valid)
+    got, got_loss, got_grads = _run(fast, inputs, valid)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got_loss, want_loss, atol=ATOL, rtol=RTOL)
+    assert_grads_close(got_grads, want_grads)
+
+
+def _ops_run() -> set[str]:
+    return {key[0] for key in backends._DECISIONS}
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 3, 2)], ids=["full", "padded"])
+def test_encoders_run_fused_and_skip_padding(family, lengths):
+    """On eager CPU a batch with enough padding runs on its valid tokens (attention_varlen);
+    a full batch attends over the padded layout; MPNet's attention stays transformers'."""
+    ref, fast = _twins(_model(family))
+    ids, mask = _batch(family, lengths)
+    backends.forget_decisions()
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+    ops = _ops_run()
+    assert {"layer_norm", "gelu_ffn"} <= ops
+    if family not in FUSED_ATTENTION:
+        assert not ops & {"attention", "attention_varlen"}
+    elif lengths == (9, 9, 9):
+        assert "attention_varlen" not in ops
+    else:
+        assert "attention_varlen" in ops
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backends_match_transformers(family, backend):
+    """fastlm's reference ops and its Triton kernels (through the interpreter on CPU)."""
+    ref, fast = _twins(_model(family))
+    ids, mask = _batch(family)
+    fastlm.set_backend(backend)
+    try:
+        with torch.no_grad():
+            got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        fastlm.set_backend(None)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_revert_and_torch_save(family):
+    head = "ForCausalLM" if family == "gpt-bigcode" else "ForMaskedLM"
+    model = _model(family, head)
+    classes = [type(m) for m in model.modules()]
+    ids, mask = _batch(family)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=mask).logits
+
+    before = logits(model)
+    fastlm.optimize(model)
+    optimized = logits(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert _fused_names(loaded) == _fused_names(model)
+    assert torch.equal(logits(loaded), optimized)
+    fastlm.revert(loaded)
+    fastlm.revert(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert torch.equal(logits(model), before)
+    assert torch.equal(logits(loaded), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_implementation_fastlm_is_served_or_refused(family):
+    """Loaded with attn_implementation="fastlm": a padded batch as transformers' sdpa
+    computes it, or (MPNet, whose attention never reaches an attention function) a
+    ValueError when the model is built."""
+    config = copy.deepcopy(CONFIGS[family])
+    model_class = getattr(T, PREFIX[family] + "Model")
+    if family == "mpnet":
+        with pytest.raises(ValueError, match='does not support attn_implementation="fastlm"'):
+            model_class._from_config(config, attn_implementation="fastlm")
+        with pytest.raises(ValueError, match=r"fastlm\.optimize"):
+            T.AutoModel.from_config(config, attn_implementation="fastlm")
+        return
+    torch.manual_seed(0)
+    fast = model_class._from_config(config, attn_implementation="fastlm").eval()
+    assert fast.config._attn_implementation == "fastlm"
+    ref = copy.deepcopy(fast)
+    ref.set_attn_implementation("sdpa")
+    ids, mask = _batch(family)
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "albert", "mpnet", "roberta"])
+def test_calls_the_fused_attention_cannot_serve(family):
+    """output_attentions and a 4-D mask run transformers' attention, exactly as stock
+    eager attention (the implementation that returns probabilities)."""
+    ref, fast = _twins(_model(family))
+    ref.set_attn_implementation("eager")
+    ids, mask = _batch(family)
+    # a 4-D mask as eager attention takes it: additive, 0 where allowed
+    four_d = torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])
+    four_d = four_d.masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        for kw in ({"attention_mask": mask, "output_attentions": True}, {"attention_mask": four_d}):
+            got, want = fast(input_ids=ids, **kw), ref(input_ids=ids, **kw)
+            valid = mask.bool()
+            torch.testing.assert_close(
+                got.last_hidden_state[valid], want.last_hidden_state[valid], atol=ATOL, rtol=RTOL
+            )
+            if kw.get("output_attentions"):
+                for a, b in zip(got.attentions, want.attentions, strict=True):
+                    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+def test_mpnet_logs_what_stays_transformers(caplog):
+    from fastlm.integrations.hf import log
+
+    log._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastlm"):
+        model = fastlm.optimize(_model("mpnet"))
+    assert "relative position bias" in caplog.text
+    assert model.config._attn_implementation != "fastlm"
+
+
+def test_albert_shared_layer_swaps_once():
+    model = fastlm.optimize(_model("albert"))
+    layers = [m for m in model.modules() if type(m).__name__ == "FastLMAlbertLayer"]
+    assert len(layers) == 1  # one object, run num_hidden_layers times
+    fastlm.revert(model)
+    assert type(model.encoder.albert_layer_groups[0].albert_layers[0]).__name__ == "AlbertLayer"
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "albert", "electra"])
+def test_trains_with_dropout(family):
+    """Training mode with dropout: the optimized layers run their dropouts (a different
+    draw than transformers', so only that it trains, and that eval matches again)."""
+    model = _model(family, "ForSequenceClassification")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    ref, fast = _twins(model)
+    fast.train()
+    inputs, _ = _inputs(family, "ForSequenceClassification")
+    torch.manual_seed(1)
+    first = fast(**inputs).logits
+    second = fast(**inputs).logits
+    assert not torch.equal(first, second)  # dropout is live
+    fast(**inputs).loss.backward()
+    assert all(p.grad is not None for n, p in fast.named_parameters() if "pooler" not in n)
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast(**inputs).logits, ref(**inputs).logits, atol=ATOL, rtol=RTOL
+        )
+
+
+# --- GPT-BigCode: multi-query attention, generate ----------------------------------------------
+
+
+def _generate(model, ids, mask, **kw):
+    torch.manual_seed(7)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kw)
+    return out.sequences if hasattr(out, "sequences") else out
+
+
+@pytest.mark.parametrize("multi_query", [True, False], ids=["mqa", "mha"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 5}], ids=["greedy", "beam", "sample"]
+)
+def test_gpt_bigcode_generate_matches(multi_query, kw):
+    ref, fast = _twins(_model("gpt-bigcode", "ForCausalLM", multi_query=multi_query))
+    ids, mask = padded_batch(VOCAB, [7, 4], 7, left=True, low=3)
+    with torch.no_grad():
+        assert torch.equal(_generate(fast, ids, mask, **kw), _generate(ref, ids, mask, **kw))
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "gpt-bigcode"])
+def test_autocast_bf16_matches_stock_autocast(family):
+    """Under torch.autocast("cpu", bfloat16), the optimized model trains as stock autocast
+    does: the same output dtype and loss within bf16 rounding."""
+    head = "ForCausalLM" if family == "gpt-bigcode" else "ForSequenceClassification"
+    ref, fast = _twins(_model(family, head))
+    inputs, _ = _inputs(family, head)
+    results = []
+    for model in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs)
+        out.loss.backward()
+        results.append(out)
+    assert results[1].logits.dtype == results[0].logits.dtype
+    torch.testing.assert_close(results[1].loss, results[0].loss, atol=3e-2, rtol=3e-2)
