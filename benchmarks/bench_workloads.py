@@ -13,7 +13,11 @@ reports the medians and their ratio (> 1: fastlm is faster). Cells, by workload:
 * ``train``    one step (forward, backward, AdamW) of a BERT-base-shaped classifier, padding
   0% and 30%, fp32 and under autocast;
 * ``generate`` GPT-2 124M greedy generate, batch 1/4/16, prompt 8/128/512, 32 new tokens;
-  stock vs fastlm's GPT2LMHeadModel.
+  stock vs fastlm's GPT2LMHeadModel;
+* ``families`` one forward per architecture ``fastlm.optimize`` serves besides BERT
+  (RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, ALBERT, MPNet, GPT-BigCode), each at
+  MiniLM scale (hidden 384, 6 layers, 12 heads, FFN 1536; random weights), batch 8 x 128,
+  padding 0% and 50%; stock vs ``fastlm.optimize``.
 
 Every cell runs in fp32 and bf16 (the model cast with ``.to(torch.bfloat16)``; training
 under autocast instead), quiet and with a busy neighbour (``--neighbour busy``: another
@@ -305,8 +309,58 @@ def generate_cells(res, args, dtype_name, neighbour_kind):
               f"{ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
 
 
+def family_model(name: str, dtype: torch.dtype):
+    """A stock transformers base model of family ``name`` at MiniLM scale (random weights,
+    its default attention implementation), and its vocab size."""
+    import transformers as T
+
+    size = dict(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
+    roberta = dict(size, pad_token_id=1, vocab_size=30522)
+    configs = {
+        "roberta": lambda: T.RobertaConfig(**roberta),
+        "xlm-roberta": lambda: T.XLMRobertaConfig(**roberta),
+        "camembert": lambda: T.CamembertConfig(**roberta),
+        "electra": lambda: T.ElectraConfig(**size, embedding_size=128),
+        "distilbert": lambda: T.DistilBertConfig(dim=384, n_layers=6, n_heads=12, hidden_dim=1536),
+        "albert": lambda: T.AlbertConfig(**size, embedding_size=128),
+        "mpnet": lambda: T.MPNetConfig(**roberta),
+        "gpt-bigcode": lambda: T.GPTBigCodeConfig(n_embd=384, n_layer=6, n_head=12, n_inner=1536),
+    }
+    torch.manual_seed(0)
+    model = T.AutoModel.from_config(configs[name]())
+    return model.to(_device(), dtype).eval(), model.config.vocab_size
+
+
+def family_cells(res, args, dtype_name, neighbour_kind):
+    import fastlm
+
+    dtype = DTYPES[dtype_name]
+    for name in args.families:
+        stock, vocab = family_model(name, dtype)
+        optimized = fastlm.optimize(copy.deepcopy(stock))
+        for padding in (0.0, 0.5):
+            ids, mask = padded_batch(vocab, 8, 128, padding)
+            ids = ids.clamp(min=3)  # RoBERTa-likes: no pad id (1) inside the valid tokens
+            paths = {
+                "stock": lambda: stock(input_ids=ids, attention_mask=mask),
+                "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
+            }
+            with torch.inference_mode(), neighbour(neighbour_kind):
+                ms = round_robin_ms(paths, args.repeats)
+            real = round(1 - mask.float().mean().item(), 3)
+            res.add(workload="families", model=name, dtype=dtype_name, neighbour=neighbour_kind,
+                    shape=dict(batch=8, seq=128, padding=real), impl="fastlm.optimize",
+                    stock_ms=ms["stock"], fastlm_ms=ms["fastlm.optimize"],
+                    ratio=ms["stock"] / ms["fastlm.optimize"])  # fmt: skip
+            print(f"families {name} {dtype_name} {neighbour_kind} 8x128 pad {real}: "
+                  f"{ms['stock'] / ms['fastlm.optimize']:.2f}x", flush=True)  # fmt: skip
+
+
+FAMILIES = "roberta,xlm-roberta,camembert,electra,distilbert,albert,mpnet,gpt-bigcode"
 WORKLOADS = {"forward": forward_cells, "encode": encode_cells, "train": train_cells,
-             "generate": generate_cells}  # fmt: skip
+             "generate": generate_cells, "families": family_cells}  # fmt: skip
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -324,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate-shapes", default="1x8,1x128,4x128,16x128,1x512")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sentences", type=int, default=2000)
+    p.add_argument("--families", default=FAMILIES, help="architectures of the families workload")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny grid, 1 repeat (smoke run)")
     p.add_argument(
@@ -336,12 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     args.models = args.models.split(",")
+    args.families = args.families.split(",")
     args.shapes = _pairs(args.shapes)
     args.paddings = [float(v) for v in args.paddings.split(",")]
     args.generate_shapes = _pairs(args.generate_shapes)
     if args.quick:
         args.models, args.shapes, args.paddings = ["minilm"], [(2, 16)], [0.0, 0.5]
         args.generate_shapes, args.new_tokens, args.sentences, args.repeats = [(1, 8)], 2, 16, 1
+        args.families = ["distilbert", "gpt-bigcode"]
     res = Results("workloads", args.out)
     previous = os.path.join(res.folder(), "workloads.json")
     if args.append and os.path.exists(previous):

@@ -35,6 +35,7 @@ SECTIONS = [
     ("layer_norm", "benchmarks.bench_layer_norm", 8),
     ("linear_gelu", "benchmarks.bench_ffn", 17),
     ("models", "benchmarks.bench_models", 25),
+    ("families", "benchmarks.bench_families", 20),
 ]
 
 

@@ -27,6 +27,8 @@ falls back to gelu_ffn + dropout + LN(residual) — same math, one extra pass.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,15 @@ def _cat(*ts: torch.Tensor) -> torch.Tensor:
 # 1.06-1.57x at 30%; the line sits between.
 PACK_MIN_PADDING = 0.20
 
+# On a GPU, packing costs one host read of the token count per forward (a device sync, as
+# FasterTransformer's, ByteTransformer's and transformers' flash-attention paths pay) and
+# removes all padded work; the padded path reads nothing. Which wins on a GPU has not been
+# measured yet (benchmarks/bench_families.py's packed-vs-padded rows, in gpu_check.sh, do),
+# so the default stays padded; FASTLM_PACK_ON_GPU=1 (or setting this attribute) packs eager
+# CUDA batches by the same PACK_MIN_PADDING rule. Never under torch.compile or while a CUDA
+# graph is being captured (a sync there is an error).
+PACK_ON_GPU = os.environ.get("FASTLM_PACK_ON_GPU", "0") == "1"
+
 
 def skips_padding(mask: torch.Tensor | None) -> bool:
     """Whether the forward packs the valid tokens (:class:`Packed`) rather than running the
@@ -71,12 +82,23 @@ def skips_padding(mask: torch.Tensor | None) -> bool:
     for an eager CPU tensor, a device sync per forward on CUDA and a data-dependent shape
     (graph break) under torch.compile. So only eager CPU batches are packed, and only those
     with at least ``PACK_MIN_PADDING`` of their positions padded; CUDA and compiled forwards
-    attend over the padded batch with ``key_padding_mask`` and read nothing on the host.
-    Valid positions agree either way.
+    attend over the padded batch with ``key_padding_mask`` and read nothing on the host
+    (unless ``PACK_ON_GPU``). Valid positions agree either way.
     """
-    if mask is None or not reads_are_free(mask):
+    if mask is None:
+        return False
+    if not reads_are_free(mask) and not _packs_on_device(mask):
         return False
     return int(mask.count_nonzero()) <= (1.0 - PACK_MIN_PADDING) * mask.numel()
+
+
+def _packs_on_device(mask: torch.Tensor) -> bool:
+    return (
+        PACK_ON_GPU
+        and mask.device.type == "cuda"
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    )
 
 
 class BertEmbeddings(nn.Module):

@@ -232,7 +232,7 @@ def test_each_route_takes_the_path_the_rule_picks(route, padded, packs, monkeypa
     import copy
 
     import fastlm
-    from fastlm.integrations.hf import optimize as opt_module
+    from fastlm.integrations.hf import fused_layers as opt_module
     from fastlm.models import bert
 
     calls = []
