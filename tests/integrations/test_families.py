@@ -199,10 +199,16 @@ def _ops_run() -> set[str]:
 
 
 @pytest.mark.parametrize("family", ENCODERS)
-@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 3, 2)], ids=["full", "padded"])
-def test_encoders_run_fused_and_skip_padding(family, lengths):
-    """On eager CPU a batch with enough padding runs on its valid tokens (attention_varlen);
-    a full batch attends over the padded layout; MPNet's attention stays transformers'."""
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 8, 9), (9, 3, 2)], ids=["full", "4%", "48%"])
+def test_encoders_run_fused_and_skip_padding(family, lengths, monkeypatch):
+    """On eager CPU a batch with enough padding runs on its valid tokens (attention_varlen;
+    MPNet packs its FFN, its attention stays transformers'); a full or little-padded batch
+    runs the padded layout."""
+    from fastlm.integrations.hf import fused_layers
+
+    packs = []
+    real = fused_layers.unpad_input
+    monkeypatch.setattr(fused_layers, "unpad_input", lambda *a: packs.append(1) or real(*a))
     ref, fast = _twins(_model(family))
     ids, mask = _batch(family, lengths)
     backends.forget_decisions()
@@ -213,12 +219,25 @@ def test_encoders_run_fused_and_skip_padding(family, lengths):
     torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
     ops = _ops_run()
     assert {"layer_norm", "gelu_ffn"} <= ops
+    assert bool(packs) is (lengths == (9, 3, 2))
     if family not in FUSED_ATTENTION:
         assert not ops & {"attention", "attention_varlen"}
-    elif lengths == (9, 9, 9):
-        assert "attention_varlen" not in ops
     else:
-        assert "attention_varlen" in ops
+        assert ("attention_varlen" in ops) is bool(packs)
+
+
+def test_mpnet_packs_only_a_padding_mask():
+    """A 4-D mask whose query rows differ is not a padding mask: MPNet's FFN then runs on
+    the padded batch, and the result is still transformers'."""
+    ref, fast = _twins(_model("mpnet"))
+    ids, mask = _batch("mpnet", (9, 3, 2))
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, 9, -1).clone()
+    allowed[:, :, 0, 1] = False  # the first query may not see the second token
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=additive).last_hidden_state
+        want = ref(input_ids=ids, attention_mask=additive).last_hidden_state
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

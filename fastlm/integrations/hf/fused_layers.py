@@ -42,6 +42,7 @@ from torch import nn
 from fastlm.integrations.hf.attention import attentions_requested
 from fastlm.integrations.hf.families import FAMILIES, EncoderLayout, Family
 from fastlm.integrations.hf.log import log_once
+from fastlm.models._base import reads_are_free
 from fastlm.models.bert import skips_padding
 from fastlm.nn import GeluFFN, SelfAttention
 from fastlm.ops.padding import pad_input, unpad_input
@@ -186,8 +187,10 @@ class _MaskCall(_PostNormEncoder):
 
 class _MPNetCall(_PostNormEncoder):
     """MPNet: its self-attention adds a relative position bias to the scores, which no
-    fastlm attention takes, so transformers' MPNetAttention runs it (on the model's own mask
-    and bias); the FFN and both residual LayerNorms are fused."""
+    fastlm attention takes, so transformers' MPNetAttention runs it over the padded batch
+    (on the model's own mask and bias); the FFN and both residual LayerNorms are fused, and
+    the FFN (two thirds of the layer's GEMM work) runs on the valid tokens only when the
+    padding pays for it, under the same rule as the other encoders."""
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None,
                 output_attentions=False, **kwargs):  # fmt: skip
@@ -195,7 +198,32 @@ class _MPNetCall(_PostNormEncoder):
             hidden_states, attention_mask, position_bias=position_bias,
             output_attentions=output_attentions,
         )  # fmt: skip
-        return (self._fused_ffn(outputs[0]), *outputs[1:])
+        x = outputs[0]
+        # the probabilities of padded queries in the next layer read this layer's padded rows
+        returns_probs = output_attentions or attentions_requested()
+        packs = self.__dict__[PARTS].skip_padding and not returns_probs
+        valid = _valid_tokens(attention_mask) if packs else None
+        if valid is not None and skips_padding(valid):
+            batch, seq = valid.shape
+            tokens, where, _, _ = unpad_input(x, valid)
+            return (pad_input(self._fused_ffn(tokens), where, batch, seq), *outputs[1:])
+        return (self._fused_ffn(x), *outputs[1:])
+
+
+def _valid_tokens(mask) -> torch.Tensor | None:
+    """The (B, S) valid tokens of a 4-D (B, 1, S, S) mask that only masks padded keys (every
+    query row alike, as transformers' eager padding mask: 0 or True where allowed); None for
+    any other mask (a user's 4-D mask may differ per query: no packing then). Read only where
+    reads are free (eager CPU): ``skips_padding`` is asked next and says the same."""
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == 1):
+        return None
+    if mask.shape[2] != mask.shape[3] or not reads_are_free(mask):
+        return None
+    first = mask[:, :, :1, :]
+    if not bool((mask == first).all()):
+        return None
+    row = first[:, 0, 0, :]
+    return row if row.dtype == torch.bool else row == 0
 
 
 class _GPT2Call(_FastLayer):

@@ -24,7 +24,8 @@ What runs differently while optimized:
   own projections (causal in a decoder BERT/RoBERTa) and its FFN as fastlm.nn.GeluFFN
   (bias + GELU and the residual add fused into the GEMMs), on the valid tokens only when
   the padding pays for it on eager CPU; MPNet keeps transformers' attention (it adds a
-  relative position bias) and fuses the rest. A GPT-2 block keeps transformers'
+  relative position bias) over the padded batch and fuses the rest, its FFN on the valid
+  tokens only where the padding pays. A GPT-2 block keeps transformers'
   GPT2Attention (which owns the KV cache of generate()) on the "fastlm" attention function
   and runs its MLP as a GeluFFN; GPT-BigCode likewise, its multi-query attention served by
   fastlm's grouped-query kernels. The nn modules wrap the layer's own children; they are
