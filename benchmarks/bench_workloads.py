@@ -89,7 +89,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+class Timings(dict):
+    """Median milliseconds per path, and each round's times (for the ratios' spread)."""
+
+    def __init__(self, rounds: dict[str, list[float]]):
+        super().__init__({name: statistics.median(t) for name, t in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, impl: str) -> dict[str, float]:
+        """stock / ``impl``: the ratio of the medians, and the quartiles of the per-round
+        ratios (each round times both back to back, so drift cancels within a round): a
+        cell whose quartiles straddle 1.0 cannot tell fastlm from stock on this machine."""
+        per_round = sorted(
+            s / f for s, f in zip(self.rounds["stock"], self.rounds[impl], strict=True)
+        )
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+        return dict(ratio=self["stock"] / self[impl], ratio_q1=q1, ratio_q3=q3)
+
+
+def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int) -> Timings:
     """Median wall milliseconds of each fn, run in turns after one warm-up each."""
     for fn in fns.values():
         fn()
@@ -101,7 +119,7 @@ def round_robin_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[s
             fn()
             _sync()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return Timings(times)
 
 
 def _device() -> str:
@@ -152,6 +170,12 @@ def padded_batch(vocab: int, batch: int, seq: int, padding: float, seed: int = 0
 # ---------------------------------------------------------------------------- workloads
 
 
+# The A/A control (--control): a second copy of the stock model timed in the same rounds. Its
+# "ratio" is what this machine reads for two identical computations: a fastlm cell inside
+# the control's spread cannot be told from stock.
+CONTROL = "stock twin (A/A control)"
+
+
 def forward_cells(res, args, dtype_name, neighbour_kind):
     import fastlm
     import fastlm.models as fm
@@ -161,6 +185,7 @@ def forward_cells(res, args, dtype_name, neighbour_kind):
         stock, vocab = encoder(name, dtype)
         optimized = fastlm.optimize(copy.deepcopy(stock))
         ours = fm.BertModel.from_hf(stock).to(_device(), dtype).eval()
+        twin = copy.deepcopy(stock) if args.control else None
         for batch, seq in args.shapes:
             for padding in args.paddings:
                 ids, mask = padded_batch(vocab, batch, seq, padding)
@@ -169,13 +194,15 @@ def forward_cells(res, args, dtype_name, neighbour_kind):
                     "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
                     "fastlm.models": lambda: ours(ids, attention_mask=mask),
                 }
+                if twin is not None:
+                    paths[CONTROL] = lambda: twin(input_ids=ids, attention_mask=mask)
                 with torch.inference_mode(), neighbour(neighbour_kind):
                     ms = round_robin_ms(paths, args.repeats)
                 real = round(1 - mask.float().mean().item(), 3)
-                for impl in ("fastlm.optimize", "fastlm.models"):
+                for impl in [p for p in paths if p != "stock"]:
                     res.add(workload="forward", model=name, dtype=dtype_name, neighbour=neighbour_kind,
                             shape=dict(batch=batch, seq=seq, padding=real), impl=impl,
-                            stock_ms=ms["stock"], fastlm_ms=ms[impl], ratio=ms["stock"] / ms[impl])  # fmt: skip
+                            stock_ms=ms["stock"], fastlm_ms=ms[impl], **ms.ratio(impl))  # fmt: skip
                 print(f"forward {name} {dtype_name} {neighbour_kind} {batch}x{seq} pad {real}: "
                       f"optimize {ms['stock'] / ms['fastlm.optimize']:.2f}x, "
                       f"models {ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
@@ -218,7 +245,7 @@ def encode_cells(res, args, dtype_name, neighbour_kind):
             continue
         res.add(workload="encode", model="minilm", dtype=dtype_name, neighbour=neighbour_kind,
                 shape=dict(sentences=len(sentences), batch=32), impl=impl, stock_ms=ms["stock"],
-                fastlm_ms=ms[impl], ratio=ms["stock"] / ms[impl],
+                fastlm_ms=ms[impl], **ms.ratio(impl),
                 sentences_per_s=len(sentences) / ms[impl] * 1e3,
                 min_cosine=float(cos.min()) if impl == "fastlm.optimize" else None)  # fmt: skip
         print(f"encode {dtype_name} {neighbour_kind} {impl}: {ms['stock'] / ms[impl]:.2f}x "
@@ -267,7 +294,7 @@ def train_cells(res, args, dtype_name, neighbour_kind):
                 dtype=("autocast-" if amp else "") + dtype_name, neighbour=neighbour_kind,
                 shape=dict(batch=batch, seq=seq, padding=padding), impl="fastlm.optimize",
                 stock_ms=ms["stock"], fastlm_ms=ms["fastlm.optimize"],
-                ratio=ms["stock"] / ms["fastlm.optimize"])  # fmt: skip
+                **ms.ratio("fastlm.optimize"))  # fmt: skip
         print(f"train {dtype_name} {neighbour_kind} pad {padding}: "
               f"{ms['stock'] / ms['fastlm.optimize']:.2f}x", flush=True)  # fmt: skip
 
@@ -304,7 +331,7 @@ def generate_cells(res, args, dtype_name, neighbour_kind):
                 dtype=dtype_name, neighbour=neighbour_kind,
                 shape=dict(batch=batch, prompt=prompt, new_tokens=args.new_tokens),
                 impl="fastlm.models", stock_ms=ms["stock"], fastlm_ms=ms["fastlm.models"],
-                ratio=ms["stock"] / ms["fastlm.models"])  # fmt: skip
+                **ms.ratio("fastlm.models"))  # fmt: skip
         print(f"generate {dtype_name} {neighbour_kind} B{batch} prompt {prompt}: "
               f"{ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
 
@@ -340,6 +367,7 @@ def family_cells(res, args, dtype_name, neighbour_kind):
     for name in args.families:
         stock, vocab = family_model(name, dtype)
         optimized = fastlm.optimize(copy.deepcopy(stock))
+        twin = copy.deepcopy(stock) if args.control else None
         for padding in (0.0, 0.5):
             ids, mask = padded_batch(vocab, 8, 128, padding)
             ids = ids.clamp(min=3)  # RoBERTa-likes: no pad id (1) inside the valid tokens
@@ -347,13 +375,15 @@ def family_cells(res, args, dtype_name, neighbour_kind):
                 "stock": lambda: stock(input_ids=ids, attention_mask=mask),
                 "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
             }
+            if twin is not None:
+                paths[CONTROL] = lambda: twin(input_ids=ids, attention_mask=mask)
             with torch.inference_mode(), neighbour(neighbour_kind):
                 ms = round_robin_ms(paths, args.repeats)
             real = round(1 - mask.float().mean().item(), 3)
-            res.add(workload="families", model=name, dtype=dtype_name, neighbour=neighbour_kind,
-                    shape=dict(batch=8, seq=128, padding=real), impl="fastlm.optimize",
-                    stock_ms=ms["stock"], fastlm_ms=ms["fastlm.optimize"],
-                    ratio=ms["stock"] / ms["fastlm.optimize"])  # fmt: skip
+            for impl in [p for p in paths if p != "stock"]:
+                res.add(workload="families", model=name, dtype=dtype_name, neighbour=neighbour_kind,
+                        shape=dict(batch=8, seq=128, padding=real), impl=impl,
+                        stock_ms=ms["stock"], fastlm_ms=ms[impl], **ms.ratio(impl))  # fmt: skip
             print(f"families {name} {dtype_name} {neighbour_kind} 8x128 pad {real}: "
                   f"{ms['stock'] / ms['fastlm.optimize']:.2f}x", flush=True)  # fmt: skip
 
@@ -365,6 +395,21 @@ WORKLOADS = {"forward": forward_cells, "encode": encode_cells, "train": train_ce
 
 def _pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def _latest(rows: list[dict]) -> list[dict]:
+    """One row per cell (workload, model, dtype, neighbour, shape, impl): a cell measured
+    again with --append replaces its earlier row, in the earlier row's place."""
+    key = lambda r: json.dumps([r.get(k) for k in ("workload", "model", "dtype", "neighbour",
+                                                   "shape", "impl")], sort_keys=True)  # fmt: skip
+    last = {key(r): r for r in rows}
+    out, seen = [], set()
+    for r in rows:
+        k = key(r)
+        if k not in seen:
+            seen.add(k)
+            out.append(last[k])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=2000)
     p.add_argument("--families", default=FAMILIES, help="architectures of the families workload")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="forward cells also time a copy of the stock model (the A/A control: the noise floor)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny grid, 1 repeat (smoke run)")
     p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device>)"
@@ -387,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--append",
         action="store_true",
-        help="keep the rows already in workloads.json (a matrix measured in parts)",
+        help="keep the rows already in workloads.json (a matrix measured in parts; a cell "
+        "measured again replaces its row)",
     )
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -405,11 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(previous) as f:
             res.rows = json.load(f)["rows"]
     cols = ["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms", "fastlm_ms",
-            "ratio"]  # fmt: skip
+            "ratio", "ratio_q1", "ratio_q3"]  # fmt: skip
     for workload in args.only.split(","):
         for dtype_name in args.dtypes.split(","):
             for kind in args.neighbour.split(","):
                 WORKLOADS[workload](res, args, dtype_name, kind)
+                res.rows = _latest(res.rows)
                 res.save(table_cols=cols)  # after every cell: a killed run keeps what finished
     return 0
 
