@@ -1,0 +1,39 @@
+"""The workload matrix's bookkeeping (benchmarks/bench_workloads.py): the ratio and its
+per-round quartiles, and --append replacing a re-measured cell. No timing is asserted."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.bench_workloads import Timings, _latest
+
+
+def test_ratio_is_of_the_medians_and_its_quartiles_are_per_round():
+    rounds = {"stock": [10.0, 12.0, 30.0, 11.0], "fastlm": [5.0, 6.0, 10.0, 11.0]}
+    t = Timings(rounds)
+    assert t["stock"] == 11.5 and t["fastlm"] == 8.0
+    r = t.ratio("fastlm")
+    assert r["ratio"] == pytest.approx(11.5 / 8.0)
+    # per round: 2.0, 2.0, 3.0, 1.0 -> quartiles of those, not of the medians
+    assert r["ratio_q1"] == pytest.approx(1.25)
+    assert r["ratio_q3"] == pytest.approx(2.75)
+
+
+def test_one_round_has_no_spread():
+    r = Timings({"stock": [4.0], "fastlm": [2.0]}).ratio("fastlm")
+    assert r == {"ratio": 2.0, "ratio_q1": 2.0, "ratio_q3": 2.0}
+
+
+def _row(impl, ratio, padding=0.0, neighbour="quiet"):
+    return dict(workload="forward", model="minilm", dtype="fp32", neighbour=neighbour,
+                shape=dict(batch=8, seq=32, padding=padding), impl=impl, ratio=ratio)  # fmt: skip
+
+
+def test_append_replaces_a_cell_measured_again_in_its_place():
+    rows = [_row("a", 1.0), _row("b", 2.0), _row("a", 3.0, padding=0.5), _row("a", 4.0)]
+    got = _latest(rows)
+    assert [(r["impl"], r["ratio"]) for r in got] == [("a", 4.0), ("b", 2.0), ("a", 3.0)]
+    assert _latest([_row("a", 1.0), _row("a", 2.0, neighbour="busy")]) == [
+        _row("a", 1.0),
+        _row("a", 2.0, neighbour="busy"),
+    ]
