@@ -343,6 +343,37 @@ def test_mpnet_logs_what_stays_transformers(caplog):
     assert model.config._attn_implementation != "fastlm"
 
 
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 3, 2)], ids=["full", "48%"])
+def test_gpt_bigcode_mlp_runs_on_the_valid_rows(lengths, monkeypatch):
+    """The MLPs of a padded prefill run on the valid rows (the mask reaches them from the
+    backbone's forward hook); a decode step, whose mask spans the cache, runs unpacked; the
+    hook goes with revert."""
+    from fastlm.integrations.hf import fused_layers
+
+    packs = []
+    real = fused_layers.unpad_input
+    monkeypatch.setattr(fused_layers, "unpad_input", lambda *a: packs.append(1) or real(*a))
+    ref, fast = _twins(_model("gpt-bigcode", "ForCausalLM"))
+    ids, mask = _batch("gpt-bigcode", lengths)
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=mask, use_cache=True)
+        want = ref(input_ids=ids, attention_mask=mask, use_cache=True)
+        valid = mask.bool()
+        torch.testing.assert_close(got.logits[valid], want.logits[valid], atol=ATOL, rtol=RTOL)
+        assert len(packs) == (2 if lengths == (9, 3, 2) else 0)  # one per layer
+        step = torch.full((3, 1), 5)
+        longer = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+        packs.clear()
+        got = fast(input_ids=step, attention_mask=longer, past_key_values=got.past_key_values)
+        want = ref(input_ids=step, attention_mask=longer, past_key_values=want.past_key_values)
+    torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=RTOL)
+    assert not packs
+    backbone = fast.transformer
+    assert len(backbone._forward_pre_hooks) == 1
+    fastlm.revert(fast)
+    assert len(backbone._forward_pre_hooks) == 0
+
+
 def test_albert_shared_layer_swaps_once():
     model = fastlm.optimize(_model("albert"))
     layers = [m for m in model.modules() if type(m).__name__ == "FastLMAlbertLayer"]

@@ -17,10 +17,12 @@ On eager CPU, given a padded batch with enough padding to pay for it (the cost r
 fastlm.models.bert.skips_padding), the layer packs the valid tokens (``unpad_input``), runs
 every GEMM, LayerNorm and attention (``attention_varlen``) on those T rows only, and
 scatters them back (``pad_input``); padded positions of its output hold zeros (transformers
-computes values there: queries at padding). No head but question answering reads them: its
-start/end softmax spans the padded positions too, so a backbone under a
-``...ForQuestionAnswering`` head keeps the padded layout and matches transformers' loss
-(optimize.py sets ``Parts.skip_padding``). On CUDA and under torch.compile, reading
+computes values there: queries at padding). Two kinds of heads read them (question
+answering's start/end softmax spans every position; a decoder's sequence classifier pools
+the last token that is not the pad id, padded when another id padded the batch), so a
+backbone under such a head keeps the padded layout and matches transformers' outputs
+(optimize.py sets ``Parts.skip_padding``). The pre-norm decoders pack only their MLP
+(row-wise), on the same rule. On CUDA and under torch.compile, reading
 the mask to pack would be a sync or a graph break: the layer attends over the padded batch
 with the key padding mask instead.
 
@@ -34,6 +36,7 @@ to keep fused).
 from __future__ import annotations
 
 import importlib
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -252,16 +255,53 @@ class _GPT2Call(_FastLayer):
             )  # fmt: skip
             hidden_states = r
         x, r = self.ln_2(a, residual=hidden_states)
-        return r + self.mlp.dropout(self.__dict__[PARTS].ffn(x))
+        parts = self.__dict__[PARTS]
+        valid = attention_mask if parts.skip_padding else None
+        return r + self.mlp.dropout(on_valid_rows(parts.ffn, x, valid))
 
 
 class _DecoderMLP(_FastLayer):
     """A pre-norm decoder's MLP (GPT-BigCode): ``dropout(c_proj(gelu(c_fc(x))))`` as one
     GeluFFN. Only the MLP changes class, so the block's forward, its attention on the
-    "fastlm" function and its KV cache stay transformers', whatever the block's signature."""
+    "fastlm" function and its KV cache stay transformers', whatever the block's signature.
+    The padding mask reaches it from its backbone's forward (:func:`remember_padding`)."""
 
     def forward(self, hidden_states):
-        return self.dropout(self.__dict__[PARTS].ffn(hidden_states))
+        parts = self.__dict__[PARTS]
+        valid = _BACKBONE_PADDING.get() if parts.skip_padding else None
+        return self.dropout(on_valid_rows(parts.ffn, hidden_states, valid))
+
+
+# The (B, S) padding mask of the decoder backbone forward in progress: its MLPs see only
+# hidden states, and an MLP is row-wise, so it may run on the valid rows alone.
+_BACKBONE_PADDING: ContextVar[torch.Tensor | None] = ContextVar("fastlm_padding", default=None)
+
+
+def remember_padding(backbone, args, kwargs):
+    """Forward pre-hook of a GPT-BigCode backbone (optimize.py registers it, revert removes
+    it): publishes its ``attention_mask`` keyword for its MLPs, or None (a mask passed
+    positionally is not seen: that forward runs unpacked). Set on every forward, so a mask
+    never outlives the forward that brought it into use; nothing under torch.compile."""
+    if not torch.compiler.is_compiling():
+        mask = kwargs.get("attention_mask")
+        _BACKBONE_PADDING.set(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
+
+def on_valid_rows(fn, x: torch.Tensor, valid) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` over (B, S, H) ``x``: on the valid rows only (packed,
+    scattered back with zeros at padding) when ``valid`` is x's (B, S) padding mask and the
+    padding pays for the move (``skips_padding``: eager CPU, enough padding); else on all.
+    A decode step's mask spans the cache, not x: it runs unpacked."""
+    if (
+        isinstance(valid, torch.Tensor)
+        and valid.shape == x.shape[:2]
+        and x.dim() == 3
+        and skips_padding(valid)
+    ):
+        batch, seq = valid.shape
+        rows, where, _, _ = unpad_input(x, valid.bool())
+        return pad_input(fn(rows), where, batch, seq)
+    return fn(x)
 
 
 _CALLS = {"bert": _BertCall, "mask": _MaskCall, "mpnet": _MPNetCall, "gpt2": _GPT2Call,

@@ -28,7 +28,9 @@ What runs differently while optimized:
   tokens only where the padding pays. A GPT-2 block keeps transformers'
   GPT2Attention (which owns the KV cache of generate()) on the "fastlm" attention function
   and runs its MLP as a GeluFFN; GPT-BigCode likewise, its multi-query attention served by
-  fastlm's grouped-query kernels. The nn modules wrap the layer's own children; they are
+  fastlm's grouped-query kernels. Their MLPs (row-wise) run on the valid rows of a padded
+  prefill where the padding pays; GPT-BigCode's learn the padding mask from a forward
+  pre-hook on the backbone (removed by revert). The nn modules wrap the layer's own children; they are
   kept in the layer's ``_fastlm_parts``, not registered as submodules (that would add
   state_dict keys).
 
@@ -80,6 +82,7 @@ class _Swaps:
 
     def __init__(self) -> None:
         self.done: list[tuple[nn.Module, type]] = []
+        self.hooks: list = []  # hook handles, removed by undo()
 
     def swap(self, module: nn.Module, expected: type, fast: type, parts=None) -> bool:
         """Swaps ``module`` to ``fast``; False (nothing changed) when it is not an ``expected``.
@@ -111,6 +114,8 @@ class _Swaps:
             self.swap(layer, expected, fast, parts)
 
     def undo(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
         for module, original in reversed(self.done):
             module.__class__ = original
             module.__dict__.pop(PARTS, None)
@@ -161,12 +166,22 @@ def _relative_positions(family: Family, layers: list[nn.Module]) -> set[str]:
 
 
 def _under_padding_readers(model: nn.Module) -> set[int]:
-    """ids of the modules inside a question-answering model: its loss is a softmax over
-    every position, padded ones included, so its backbone must compute them as
-    transformers does (the padded layout), not leave zeros there (the packed one)."""
+    """ids of the modules inside a model whose head reads hidden states at padded positions,
+    so that its backbone must compute them as transformers does (the padded layout), not
+    leave zeros there (the packed one):
+
+    * question answering: its loss is a softmax over every position, padded ones included;
+    * a decoder's sequence classifier (GPT-2, GPT-BigCode): it pools the last token whose id
+      is not ``pad_token_id``, which is a padded position whenever the batch was padded
+      with another id (or the config has none)."""
     found = set()
     for module in model.modules():
-        if type(module).__name__.endswith("ForQuestionAnswering"):
+        name = type(module).__name__
+        reads = name.endswith("ForQuestionAnswering") or (
+            name.endswith("ForSequenceClassification")
+            and any((f := family_of(m)) is not None and f.layout is None for m in module.modules())
+        )
+        if reads:
             found.update(id(m) for m in module.modules())
     return found
 
@@ -193,6 +208,9 @@ def _optimize_backbone(
     for layer in layers:
         fast = fused_layers.fused_class(family, layer_cls)
         swaps.swap_layer(layer, layer_cls, fast, parts, _residual_norms(family, layer))
+    if family.call == "decoder" and parts is not None:  # its MLPs learn the padding here
+        hook = fused_layers.remember_padding
+        swaps.hooks.append(backbone.register_forward_pre_hook(hook, with_kwargs=True))
     for module in backbone.modules():  # those called plainly: embeddings, final norms, ...
         if isinstance(module, nn.LayerNorm) and not isinstance(module, FastLayerNorm):
             swaps.swap_layer_norm(module)
