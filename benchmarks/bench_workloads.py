@@ -176,6 +176,28 @@ def padded_batch(vocab: int, batch: int, seq: int, padding: float, seed: int = 0
 CONTROL = "stock twin (A/A control)"
 
 
+def _forward_cell(res, cell: dict, models: dict, ids, mask, repeats: int, ours=None):
+    """Times each transformers-style model of ``models`` (None: left out; "stock" first) on
+    one padded batch, plus ``ours`` (fastlm.models' call) as "fastlm.models", round-robin
+    under ``cell["neighbour"]``; adds a row per path against stock. Returns the timings
+    and the batch's real padding fraction."""
+    paths = {
+        impl: (lambda m=m: m(input_ids=ids, attention_mask=mask))
+        for impl, m in models.items()
+        if m is not None
+    }
+    if ours is not None:
+        paths["fastlm.models"] = ours
+    with torch.inference_mode(), neighbour(cell["neighbour"]):
+        ms = round_robin_ms(paths, repeats)
+    real = round(1 - mask.float().mean().item(), 3)
+    shape = dict(batch=ids.shape[0], seq=ids.shape[1], padding=real)
+    for impl in [p for p in paths if p != "stock"]:
+        res.add(**cell, shape=shape, impl=impl, stock_ms=ms["stock"], fastlm_ms=ms[impl],
+                **ms.ratio(impl))  # fmt: skip
+    return ms, real
+
+
 def forward_cells(res, args, dtype_name, neighbour_kind):
     import fastlm
     import fastlm.models as fm
@@ -189,20 +211,12 @@ def forward_cells(res, args, dtype_name, neighbour_kind):
         for batch, seq in args.shapes:
             for padding in args.paddings:
                 ids, mask = padded_batch(vocab, batch, seq, padding)
-                paths = {
-                    "stock": lambda: stock(input_ids=ids, attention_mask=mask),
-                    "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
-                    "fastlm.models": lambda: ours(ids, attention_mask=mask),
-                }
-                if twin is not None:
-                    paths[CONTROL] = lambda: twin(input_ids=ids, attention_mask=mask)
-                with torch.inference_mode(), neighbour(neighbour_kind):
-                    ms = round_robin_ms(paths, args.repeats)
-                real = round(1 - mask.float().mean().item(), 3)
-                for impl in [p for p in paths if p != "stock"]:
-                    res.add(workload="forward", model=name, dtype=dtype_name, neighbour=neighbour_kind,
-                            shape=dict(batch=batch, seq=seq, padding=real), impl=impl,
-                            stock_ms=ms["stock"], fastlm_ms=ms[impl], **ms.ratio(impl))  # fmt: skip
+                models = {"stock": stock, "fastlm.optimize": optimized, CONTROL: twin}
+                cell = dict(
+                    workload="forward", model=name, dtype=dtype_name, neighbour=neighbour_kind
+                )
+                ms, real = _forward_cell(res, cell, models, ids, mask, args.repeats,
+                                         ours=lambda: ours(ids, attention_mask=mask))  # fmt: skip
                 print(f"forward {name} {dtype_name} {neighbour_kind} {batch}x{seq} pad {real}: "
                       f"optimize {ms['stock'] / ms['fastlm.optimize']:.2f}x, "
                       f"models {ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
@@ -371,19 +385,9 @@ def family_cells(res, args, dtype_name, neighbour_kind):
         for padding in (0.0, 0.5):
             ids, mask = padded_batch(vocab, 8, 128, padding)
             ids = ids.clamp(min=3)  # RoBERTa-likes: no pad id (1) inside the valid tokens
-            paths = {
-                "stock": lambda: stock(input_ids=ids, attention_mask=mask),
-                "fastlm.optimize": lambda: optimized(input_ids=ids, attention_mask=mask),
-            }
-            if twin is not None:
-                paths[CONTROL] = lambda: twin(input_ids=ids, attention_mask=mask)
-            with torch.inference_mode(), neighbour(neighbour_kind):
-                ms = round_robin_ms(paths, args.repeats)
-            real = round(1 - mask.float().mean().item(), 3)
-            for impl in [p for p in paths if p != "stock"]:
-                res.add(workload="families", model=name, dtype=dtype_name, neighbour=neighbour_kind,
-                        shape=dict(batch=8, seq=128, padding=real), impl=impl,
-                        stock_ms=ms["stock"], fastlm_ms=ms[impl], **ms.ratio(impl))  # fmt: skip
+            models = {"stock": stock, "fastlm.optimize": optimized, CONTROL: twin}
+            cell = dict(workload="families", model=name, dtype=dtype_name, neighbour=neighbour_kind)
+            ms, real = _forward_cell(res, cell, models, ids, mask, args.repeats)
             print(f"families {name} {dtype_name} {neighbour_kind} 8x128 pad {real}: "
                   f"{ms['stock'] / ms['fastlm.optimize']:.2f}x", flush=True)  # fmt: skip
 
