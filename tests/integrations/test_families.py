@@ -81,10 +81,10 @@ FUSED_ATTENTION = [f for f in ENCODERS if f != "mpnet"]  # MPNet: relative posit
 HEADS = {
     "roberta": ["Model", "ForSequenceClassification", "ForTokenClassification",
                 "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
-    "xlm-roberta": ["Model", "ForSequenceClassification", "ForTokenClassification",
-                    "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
-    "camembert": ["Model", "ForSequenceClassification", "ForTokenClassification",
-                  "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForCausalLM"],
+    # transformers' XLM-RoBERTa and CamemBERT modeling files are copies of RoBERTa's (the
+    # same heads, line for line): their backbone and two heads, RoBERTa's every head
+    "xlm-roberta": ["Model", "ForSequenceClassification", "ForMaskedLM"],
+    "camembert": ["Model", "ForQuestionAnswering", "ForCausalLM"],
     "electra": ["Model", "ForSequenceClassification", "ForTokenClassification",
                 "ForQuestionAnswering", "ForMaskedLM", "ForMultipleChoice", "ForPreTraining",
                 "ForCausalLM"],
