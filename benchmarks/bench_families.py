@@ -95,7 +95,7 @@ def headline(res, device, timer=None, dry=False, budget=None) -> None:
         optimized = fastlm.optimize(copy.deepcopy(stock))
         impls = {"fastlm-padded": lambda i, m: _packing(False)(optimized, i, m),
                  "fastlm-packed": lambda i, m: _packing(True)(optimized, i, m)}  # fmt: skip
-        for padding in (0.0, 0.25, 0.5):
+        for padding in (0.5,) if dry else (0.0, 0.25, 0.5):  # the dry run proves the code
             if more():
                 ids, mask = (
                     _ids(stock.config.vocab_size, batch, seq, device),
@@ -109,7 +109,7 @@ def headline(res, device, timer=None, dry=False, budget=None) -> None:
         stock = _stock(cfg, device, dtype)
         optimized = fastlm.optimize(copy.deepcopy(stock))
         impls = {"fastlm": lambda i, m: optimized(input_ids=i, attention_mask=m)}
-        for padding in (0.0, 0.5):
+        for padding in (0.5,) if dry else (0.0, 0.5):
             if more():
                 ids, mask = (
                     _ids(cfg.vocab_size, batch, seq, device),

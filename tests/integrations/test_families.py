@@ -240,8 +240,9 @@ def test_mpnet_packs_only_a_padding_mask():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
+# one family per code path: XLM-RoBERTa and CamemBERT run RoBERTa's
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("xlm-roberta", "camembert")])
 def test_backends_match_transformers(family, backend):
     """fastlm's reference ops and its Triton kernels (through the interpreter on CPU)."""
     ref, fast = _twins(_model(family))
