@@ -206,11 +206,7 @@ class _MPNetCall(_PostNormEncoder):
         returns_probs = output_attentions or attentions_requested()
         packs = self.__dict__[PARTS].skip_padding and not returns_probs
         valid = _valid_tokens(attention_mask) if packs else None
-        if valid is not None and skips_padding(valid):
-            batch, seq = valid.shape
-            tokens, where, _, _ = unpad_input(x, valid)
-            return (pad_input(self._fused_ffn(tokens), where, batch, seq), *outputs[1:])
-        return (self._fused_ffn(x), *outputs[1:])
+        return (on_valid_rows(self._fused_ffn, x, valid), *outputs[1:])
 
 
 def _valid_tokens(mask) -> torch.Tensor | None:
