@@ -16,7 +16,10 @@ else
   RUN_ENV := TRITON_INTERPRET=1
 endif
 # Two workers: the interpreter is single-threaded Python and CI machines have 2 cores.
+# worksteal: an idle worker takes queued tests from the busy one, so the few long tests
+# (nvcc, the gpu_check dry run) do not leave one core idle at the end.
 PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
 PYTEST_ARGS ?=
 
 .PHONY: help venv test test-quick test-compat demo bench gpu-test check lint format clean
@@ -59,13 +62,13 @@ $(VENV)/.stamp-offline: $(VENV)/.stamp-venv pyproject.toml setup.py
 venv: $(VENV)/.stamp-test
 
 test: $(VENV)/.stamp-test
-	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop while changing an op: every op, module and dispatch test in fp32 only,
 # stopping at the first failure (about a quarter of `make test`). `make test` before landing.
 QUICK_TESTS ?= tests/ops tests/nn tests/test_backends.py tests/csrc/test_dispatch.py
 test-quick: $(VENV)/.stamp-test
-	$(RUN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) -x -k "not float16 and not fp16" $(QUICK_TESTS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest $(XDIST) -x -k "not float16 and not fp16" $(QUICK_TESTS) $(PYTEST_ARGS)
 
 # The GPU image pins older versions than a fresh CPU install gets: run the suite against
 # them too (interpreter), so API drift shows up before a GPU session. numpy < 2.3 because
@@ -79,7 +82,7 @@ $(COMPAT_VENV)/.stamp: $(VENV)/.stamp-test
 	@touch $@
 
 test-compat: $(COMPAT_VENV)/.stamp
-	$(RUN_ENV) $(COMPAT_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(COMPAT_VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 check: $(VENV)/.stamp-test
 	$(RUN_ENV) $(PY) -m fastlm check

@@ -339,15 +339,30 @@ def generate_cells(res, args, dtype_name, neighbour_kind):
             "stock": lambda: hf.generate(ids, **kw),
             "fastlm.models": lambda: ours.generate(ids, **kw),
         }
+        if args.static_compile:
+            paths[STATIC_COMPILE] = lambda: hf.generate(ids, **kw, **static_compile_kwargs())
         with torch.inference_mode(), neighbour(neighbour_kind):
             ms = round_robin_ms(paths, args.repeats)
-        res.add(workload="generate", model="gpt2-124M" if not args.quick else "tiny-gpt2",
-                dtype=dtype_name, neighbour=neighbour_kind,
-                shape=dict(batch=batch, prompt=prompt, new_tokens=args.new_tokens),
-                impl="fastlm.models", stock_ms=ms["stock"], fastlm_ms=ms["fastlm.models"],
-                **ms.ratio("fastlm.models"))  # fmt: skip
-        print(f"generate {dtype_name} {neighbour_kind} B{batch} prompt {prompt}: "
-              f"{ms['stock'] / ms['fastlm.models']:.2f}x", flush=True)  # fmt: skip
+        for impl in [name for name in paths if name != "stock"]:
+            res.add(workload="generate", model="gpt2-124M" if not args.quick else "tiny-gpt2",
+                    dtype=dtype_name, neighbour=neighbour_kind,
+                    shape=dict(batch=batch, prompt=prompt, new_tokens=args.new_tokens),
+                    impl=impl, stock_ms=ms["stock"], fastlm_ms=ms[impl],
+                    **ms.ratio(impl))  # fmt: skip
+            print(f"generate {dtype_name} {neighbour_kind} B{batch} prompt {prompt} {impl}: "
+                  f"{ms['stock'] / ms[impl]:.2f}x", flush=True)  # fmt: skip
+
+
+# transformers' own fast generate: a static KV cache and its decode step compiled (inductor);
+# transformers compiles it by itself on GPUs, on a CPU only when told to.
+STATIC_COMPILE = "transformers static cache + torch.compile"
+
+
+def static_compile_kwargs() -> dict:
+    from transformers import CompileConfig
+
+    return dict(cache_implementation="static",
+                compile_config=CompileConfig(_compile_all_devices=True))  # fmt: skip
 
 
 def family_model(name: str, dtype: torch.dtype):
@@ -433,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         "--control",
         action="store_true",
         help="forward cells also time a copy of the stock model (the A/A control: the noise floor)",
+    )
+    p.add_argument(
+        "--static-compile",
+        action="store_true",
+        help="generate cells also time transformers' static cache + torch.compile (a reference "
+        "column; compiling takes minutes on a CPU)",
     )
     p.add_argument("--quick", action="store_true", help="tiny grid, 1 repeat (smoke run)")
     p.add_argument(
