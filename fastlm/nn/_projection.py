@@ -16,7 +16,8 @@ def weight_and_bias(
     ``owner`` and ``name`` only make the error message."""
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    # A transformers Conv1D, fastlm's GPT-2 Conv1D, or optimize()'s FastLMConv1D subclass.
+    if hasattr(module, "nf") and any(c.__name__ == "Conv1D" for c in type(module).__mro__):
         # fastlm's own Conv1D may hold a row-major copy for CPU decoding (linear_weight).
         oriented = getattr(module, "linear_weight", None)
         return (module.weight.t() if oriented is None else oriented()), module.bias

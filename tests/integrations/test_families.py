@@ -14,9 +14,11 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 import fastlm
 from fastlm import backends
+from fastlm.ops import linear as linear_module
 from tests.models.util import assert_grads_close, padded_batch, param_grads, transformers
 
 T = transformers
@@ -272,6 +274,7 @@ def test_revert_and_torch_save(family):
 
     before = logits(model)
     fastlm.optimize(model)
+    assert not [m for m in model.modules() if type(m) is nn.Linear], "a plain nn.Linear is left"
     optimized = logits(model)
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -442,3 +445,42 @@ def test_autocast_bf16_matches_stock_autocast(family):
         results.append(out)
     assert results[1].logits.dtype == results[0].logits.dtype
     torch.testing.assert_close(results[1].loss, results[0].loss, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linears_called_plainly_take_the_hosts_faster_form(family, monkeypatch):
+    """Every nn.Linear of the optimized model (heads, poolers, MPNet's and GPT-BigCode's
+    attention projections) is fastlm.nn.Linear: a bf16 model computes each product in the
+    form fastlm.ops.linear picks (here pinned to the widened one) and matches stock bf16."""
+    monkeypatch.setattr(linear_module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(linear_module, "HALF_FORM", "widened")
+    head = "ForCausalLM" if family == "gpt-bigcode" else "ForMaskedLM"
+    ref, fast = _twins(_model(family, head).to(torch.bfloat16))
+    linears = [m for m in fast.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is fastlm.nn.Linear for m in linears)
+    called, widened = set(), set()
+    for m in linears:
+        m.register_forward_hook(lambda m, *_: called.add(id(m.weight)))
+    real = linear_module._widened
+    monkeypatch.setattr(
+        linear_module, "_widened", lambda x, w, b: widened.add(id(w)) or real(x, w, b)
+    )
+    ids, mask = _batch(family)
+    with torch.no_grad():
+        got = fast(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    assert called and called <= widened
+    valid = mask.bool()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=0.1, rtol=0.05)
+
+
+def test_linears_outside_the_transformers_model_are_left():
+    model = _model("roberta", "Model")
+    outer = nn.Linear(4, 4)
+    wrapped = nn.ModuleDict(dict(model=model, head=outer))
+    fastlm.optimize(wrapped)
+    assert type(outer) is nn.Linear
+    assert type(model.pooler.dense) is fastlm.nn.Linear
+    fastlm.revert(wrapped)
+    assert type(model.pooler.dense) is nn.Linear

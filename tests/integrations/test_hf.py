@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastlm
+from fastlm.integrations.hf.projections import Conv1D, FastLMConv1D
 from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
 
 
@@ -73,8 +74,11 @@ def test_optimize_revert_round_trip(make):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     ref = run()
+    plain = [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D)]
     assert fastlm.optimize(model) is model
     assert model.config._attn_implementation == "fastlm"
+    # Every projection computes through fastlm.ops.linear (heads and attention included).
+    assert plain and all(type(m) in (fastlm.nn.Linear, FastLMConv1D) for m in plain)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == params  # shared, not copied
     assert model.state_dict().keys() == before
     got = run()
@@ -84,6 +88,7 @@ def test_optimize_revert_round_trip(make):
     torch.testing.assert_close(got[valid], ref[valid], atol=3e-5, rtol=1e-4)
     fastlm.revert(model)
     assert model.config._attn_implementation != "fastlm"
+    assert {type(m) for m in plain} <= {torch.nn.Linear, Conv1D}
     assert torch.equal(run(), ref)
     with pytest.raises(ValueError, match="was not optimized"):
         fastlm.revert(model)

@@ -20,6 +20,10 @@ What runs differently while optimized:
 * every LayerNorm of the backbone becomes fastlm.nn.LayerNorm (same parameters; called
   plainly it is nn.LayerNorm), and the fused layers add each residual inside the LayerNorm
   that follows it;
+* every plain nn.Linear and Conv1D of the transformers model (heads and poolers included;
+  the projections of MPNet's, GPT-2's and GPT-BigCode's attention) computes the same
+  product through fastlm.ops.linear (projections.py): on CPU in the form this host computes
+  fastest (a bf16 model in fp32 math where the host has no fast bf16 GEMM);
 * a post-norm encoder layer runs its self-attention as fastlm.nn.SelfAttention over its
   own projections (causal in a decoder BERT/RoBERTa) and its FFN as fastlm.nn.GeluFFN
   (bias + GELU and the residual add fused into the GEMMs), on the valid tokens only when
@@ -69,8 +73,10 @@ from fastlm.integrations.hf import fused_layers  # noqa: E402
 from fastlm.integrations.hf.families import Family, family_of, names  # noqa: E402
 from fastlm.integrations.hf.fused_layers import PARTS  # noqa: E402
 from fastlm.integrations.hf.log import log_once  # noqa: E402
+from fastlm.integrations.hf.projections import Conv1D, FastLMConv1D  # noqa: E402
 from fastlm.models.config import gelu_approximate  # noqa: E402
 from fastlm.nn import LayerNorm as FastLayerNorm  # noqa: E402
+from fastlm.nn import Linear as FastLinear  # noqa: E402
 
 _STATE = "_fastlm_optimized"
 
@@ -112,6 +118,17 @@ class _Swaps:
         norms_swapped = all([self.swap_layer_norm(n) for n in residual_norms])  # tries each one
         if parts is not None and norms_swapped:
             self.swap(layer, expected, fast, parts)
+
+    def swap_projections(self, model: nn.Module) -> None:
+        """Every plain nn.Linear and transformers Conv1D inside ``model`` (projections the
+        fused layers do not call, poolers, heads): projections.py computes the same product
+        in this host's faster form. Subclasses (quantized or adapter layers) are skipped
+        silently: they are not products fastlm knows."""
+        for module in model.modules():
+            if type(module) is nn.Linear:
+                self.swap(module, nn.Linear, FastLinear)
+            elif type(module) is Conv1D:
+                self.swap(module, Conv1D, FastLMConv1D)
 
     def undo(self) -> None:
         for handle in self.hooks:
@@ -217,6 +234,25 @@ def _optimize_backbone(
     return True
 
 
+def _models_holding(model: nn.Module, backbones: list[nn.Module]) -> list[nn.Module]:
+    """The outermost transformers models inside ``model`` (``model`` itself, a
+    SentenceTransformer's ``auto_model``, ...) that hold one of ``backbones``, heads
+    included; a user's own modules around them are not fastlm's to change."""
+    from transformers import PreTrainedModel
+
+    inside = {id(b) for b in backbones}
+    found: list[nn.Module] = []
+    claimed: set[int] = set()
+    for module in model.modules():  # parents come before their children
+        if id(module) in claimed or not isinstance(module, PreTrainedModel):
+            continue
+        members = {id(m) for m in module.modules()}
+        if members & inside:
+            found.append(module)
+            claimed |= members
+    return found
+
+
 def optimize(model: nn.Module) -> nn.Module:
     """Run every transformers model of a family fastlm serves (see families.py) inside
     ``model`` on fastlm kernels, in place; returns ``model``. A second call is a no-op;
@@ -242,6 +278,8 @@ def optimize(model: nn.Module) -> nn.Module:
         served = [
             (b, f) for b, f in backbones if _optimize_backbone(b, f, swaps, id(b) not in readers)
         ]
+        for holder in _models_holding(model, [b for b, _ in served]):
+            swaps.swap_projections(holder)
     except BaseException:
         swaps.undo()  # all or nothing
         raise
