@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastlm.models._base import (
@@ -45,7 +44,7 @@ from fastlm.models._base import (
 from fastlm.models._weights import DerivedWeight
 from fastlm.models.config import BertConfig, gelu_approximate
 from fastlm.models.outputs import BaseModelOutput
-from fastlm.nn import GeluFFN, LayerNorm
+from fastlm.nn import GeluFFN, LayerNorm, Linear, linear
 from fastlm.nn.attention_layouts import Packed, Padded
 from fastlm.ops.padding import pad_input, unpad_input
 
@@ -124,9 +123,9 @@ class BertSelfAttention(nn.Module):
         h = config.hidden_size
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.head_dim
-        self.query = nn.Linear(h, h)
-        self.key = nn.Linear(h, h)
-        self.value = nn.Linear(h, h)
+        self.query = Linear(h, h)
+        self.key = Linear(h, h)
+        self.value = Linear(h, h)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         # One GEMM for q, k, v: see fastlm/models/_weights.py for why a version-checked cache.
         self._qkv_weight = DerivedWeight(_cat)
@@ -136,7 +135,7 @@ class BertSelfAttention(nn.Module):
         w = self._qkv_weight(self.query.weight, self.key.weight, self.value.weight)
         b = self._qkv_bias(self.query.bias, self.key.bias, self.value.bias)
         t = x.shape[0]
-        qkv = F.linear(x, w, b).view(t, 3, self.num_attention_heads, self.attention_head_size)
+        qkv = linear(x, w, b).view(t, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = qkv.unbind(1)
         out = layout.attend(
             q, k, v, dropout_p=self.dropout.p if self.training else 0.0, backend=backend
@@ -147,7 +146,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -169,13 +168,13 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
 
 
 class BertOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -223,7 +222,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(hidden[:, 0]))

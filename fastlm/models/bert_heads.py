@@ -30,7 +30,7 @@ from fastlm.models.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from fastlm.nn import LayerNorm
+from fastlm.nn import LayerNorm, Linear
 from fastlm.ops.ffn import linear_gelu
 
 # The MLM decoder shares the word embedding, and HF keeps decoder.bias == predictions.bias.
@@ -41,7 +41,7 @@ _MLM_BIAS_TIE = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.approximate = gelu_approximate(config.hidden_act, "BertForMaskedLM")
 
@@ -56,7 +56,7 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder = Linear(config.hidden_size, config.vocab_size)
         self.bias = self.decoder.bias  # HF ties decoder.bias to predictions.bias
 
     def forward(self, x, backend):
@@ -72,14 +72,14 @@ class BertOnlyMLMHead(nn.Module):
 class BertOnlyNSPHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.seq_relationship = Linear(config.hidden_size, 2)
 
 
 class BertPreTrainingHeads(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.seq_relationship = Linear(config.hidden_size, 2)
 
 
 class _BertTask(TaskModel):
@@ -171,7 +171,7 @@ class BertForSequenceClassification(_BertTask):
     def build_head(self, config):
         self.num_labels = config.num_labels
         self.dropout = classifier_dropout(config, config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
 
     def head(self, out, input_ids, labels=None):
         logits = self.classifier(self.dropout(self.pooled(out)))
@@ -189,7 +189,7 @@ class BertForTokenClassification(_BertTask):
     def build_head(self, config):
         self.num_labels = config.num_labels
         self.dropout = classifier_dropout(config, config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
 
     def head(self, out, input_ids, labels=None):
         logits = self.classifier(self.dropout(out.last_hidden_state))
@@ -206,7 +206,7 @@ class BertForQuestionAnswering(_BertTask):
 
     def build_head(self, config):
         self.num_labels = config.num_labels
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.qa_outputs = Linear(config.hidden_size, config.num_labels)
 
     def head(self, out, input_ids, start_positions=None, end_positions=None):
         if self.num_labels != 2:
@@ -223,7 +223,7 @@ class BertForMultipleChoice(_BertTask):
 
     def build_head(self, config):
         self.dropout = classifier_dropout(config, config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.classifier = Linear(config.hidden_size, 1)
 
     def backbone_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3:

@@ -62,7 +62,7 @@ from fastlm.models.outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from fastlm.nn import GeluFFN, LayerNorm, linear
+from fastlm.nn import GeluFFN, LayerNorm, Linear, linear
 from fastlm.nn.attention_layouts import Cached, Padded
 
 
@@ -380,7 +380,7 @@ class GPT2LMHeadModel(_GPT2Task):
     head_keywords = ("labels", "logits_to_keep")
 
     def build_head(self, config):
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
     def head(self, out, input_ids, labels=None, logits_to_keep=0):
         h = out.last_hidden_state
@@ -428,7 +428,7 @@ class GPT2ForSequenceClassification(_GPT2Task):
 
     def build_head(self, config):
         self.num_labels = config.num_labels
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
 
     def head(self, out, input_ids, labels=None):
         where = "GPT2ForSequenceClassification.forward"
@@ -457,7 +457,7 @@ class GPT2ForTokenClassification(_GPT2Task):
     def build_head(self, config):
         self.num_labels = config.num_labels
         self.dropout = classifier_dropout(config, default=0.1)
-        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.classifier = Linear(config.n_embd, config.num_labels)
 
     def head(self, out, input_ids, labels=None):
         logits = self.classifier(self.dropout(out.last_hidden_state))

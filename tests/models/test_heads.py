@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlm.models as fm
+import fastlm.ops.linear as linear_module
 from tests.models.util import padded_batch, tiny_bert_config, tiny_gpt2_config, transformers
 
 BATCH_LENGTHS, SEQ = [7, 4, 2], 7
@@ -227,3 +229,34 @@ def test_gpt2_sequence_classification_without_pad_token():
         ours(ids)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids[:1]).logits, hf(ids[:1]).logits, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_product_runs_through_the_linear_op(name, monkeypatch):
+    """Each product of a fastlm.models model (fused q/k/v, attention output, FFN, pooler,
+    heads) is computed by fastlm.ops.linear: pinned to its widened form, a bf16 forward on
+    CPU hands the BLAS fp32 operands only, and matches transformers in bf16."""
+    monkeypatch.setattr(linear_module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(linear_module, "HALF_FORM", "widened")
+    case = CASES[name]
+    torch.manual_seed(0)
+    cfg = (tiny_gpt2_config if case.gpt2 else tiny_bert_config)(**case.config)
+    hf = getattr(transformers, case.hf)(cfg).to(torch.bfloat16).eval()
+    ours = case.ours.from_hf(hf, backend="torch")
+    ids, mask = _batch(case, BATCH_LENGTHS)
+    gemm_dtypes = []
+    real = F.linear
+
+    def recording(x, *args, **kwargs):
+        gemm_dtypes.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask)[0]
+        monkeypatch.setattr(F, "linear", recording)
+        got = ours(ids, attention_mask=mask)[0]
+    assert gemm_dtypes and set(gemm_dtypes) == {torch.float32}
+    assert got.dtype == torch.bfloat16
+    if got.shape[: mask.dim()] == mask.shape:  # per-token output: valid positions only
+        got, want = got[mask.bool()], want[mask.bool()]
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.05)
