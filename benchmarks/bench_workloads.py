@@ -368,8 +368,9 @@ STATIC_COMPILE = "transformers static cache + torch.compile"
 def static_compile_kwargs() -> dict:
     from transformers import CompileConfig
 
-    return dict(cache_implementation="static",
-                compile_config=CompileConfig(_compile_all_devices=True))  # fmt: skip
+    config = CompileConfig()
+    config._compile_all_devices = True  # a flag, not a constructor field
+    return dict(cache_implementation="static", compile_config=config)
 
 
 def family_model(name: str, dtype: torch.dtype):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_workloads import Timings, _latest
+from benchmarks.bench_workloads import Timings, _latest, static_compile_kwargs
 
 
 def test_ratio_is_of_the_medians_and_its_quartiles_are_per_round():
@@ -37,3 +37,13 @@ def test_append_replaces_a_cell_measured_again_in_its_place():
         _row("a", 1.0),
         _row("a", 2.0, neighbour="busy"),
     ]
+
+
+def test_static_compile_kwargs_ask_transformers_to_compile_on_cpu():
+    """The reference column's generate kwargs: a static cache, and a CompileConfig flagged to
+    compile on any device (transformers compiles on CPU only when told to)."""
+    pytest.importorskip("transformers")
+    kw = static_compile_kwargs()
+    assert kw["cache_implementation"] == "static"
+    assert kw["compile_config"]._compile_all_devices is True
+    assert "_compile_all_devices" not in kw["compile_config"].to_dict()
