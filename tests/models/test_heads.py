@@ -134,9 +134,10 @@ def _batch(case: Case, lengths):
     return ids, mask
 
 
-def _models(case: Case, backend: str):
+def _models(case: Case, backend: str, dtype: torch.dtype = torch.float32):
     cfg = (tiny_gpt2_config if case.gpt2 else tiny_bert_config)(**case.config)
-    hf = getattr(transformers, case.hf)(cfg).train()  # dropout is 0: train() = grads as trained
+    hf = getattr(transformers, case.hf)(cfg).to(dtype)
+    hf.train()  # dropout is 0: train() = grads as trained
     return hf, case.ours.from_hf(hf, backend=backend)
 
 
@@ -240,9 +241,9 @@ def test_every_product_runs_through_the_linear_op(name, monkeypatch):
     monkeypatch.setattr(linear_module, "HALF_FORM", "widened")
     case = CASES[name]
     torch.manual_seed(0)
-    cfg = (tiny_gpt2_config if case.gpt2 else tiny_bert_config)(**case.config)
-    hf = getattr(transformers, case.hf)(cfg).to(torch.bfloat16).eval()
-    ours = case.ours.from_hf(hf, backend="torch")
+    hf, ours = _models(case, "torch", torch.bfloat16)
+    hf.eval()
+    ours.eval()
     ids, mask = _batch(case, BATCH_LENGTHS)
     gemm_dtypes = []
     real = F.linear
