@@ -9,7 +9,8 @@ reports the medians and their ratio (> 1: fastlm is faster). Cells, by workload:
   1/8/32, sequence 32/128/512; stock vs ``fastlm.optimize`` (and fastlm.models.BertModel);
 * ``encode``   sentence-transformers ``encode`` of a deterministic 2,000-sentence corpus of
   3-120 words, batch 32 (it sorts by length: little padding); stock vs ``fastlm.optimize``,
-  and sentence-transformers' onnx / openvino backends where installed;
+  and OpenVINO where installed (benchmarks/peers.py: the runtime behind sentence-transformers'
+  ``backend="openvino"``, without optimum-intel, whose releases pin an older transformers);
 * ``train``    one step (forward, backward, AdamW) of a BERT-base-shaped classifier, padding
   0% and 30%, fp32 and under autocast;
 * ``generate`` GPT-2 124M greedy generate, batch 1/4/16, prompt 8/128/512, 32 new tokens;
@@ -236,41 +237,46 @@ def encode_cells(res, args, dtype_name, neighbour_kind):
     kw = dict(device=_device(), model_kwargs={"dtype": dtype})
     stock = st.SentenceTransformer(path, **kw)
     optimized = fastlm.optimize(st.SentenceTransformer(path, **kw))
-    paths = {
-        "stock": lambda: stock.encode(sentences, batch_size=32),
-        "fastlm.optimize": lambda: optimized.encode(sentences, batch_size=32),
-    }
-    for backend in ("onnx", "openvino") if dtype_name == "fp32" else ():
-        try:
-            peer = st.SentenceTransformer(path, device="cpu", backend=backend)
-            peer.encode(sentences[:4])
-        except Exception as exc:  # not installed, or cannot export offline
-            print(f"encode: backend={backend} unavailable ({type(exc).__name__}); column left out")
-            continue
-        paths[f"st backend={backend}"] = lambda peer=peer: peer.encode(sentences, batch_size=32)
+    fp32 = st.SentenceTransformer(path, device=_device())  # the parity bar, and OpenVINO's source
+    models = {"stock": stock, "fastlm.optimize": optimized}
+    peer = openvino_peer(fp32, dtype_name) if _device() == "cpu" else None
+    if peer is not None:
+        models[f"openvino {peer[0].model.precision}"] = peer
+    paths = {impl: (lambda m=m: m.encode(sentences, batch_size=32)) for impl, m in models.items()}
     with torch.inference_mode(), neighbour(neighbour_kind):
         ms = round_robin_ms(paths, args.repeats)
-    # Parity on 64 sentences: fastlm against stock in the same dtype, and (in bf16) both
-    # against stock fp32, the issue's bar for a half-precision encode (cosine >= 0.9999).
+    # Parity on 64 sentences: each route against stock in the same dtype, and against stock
+    # fp32, the issue's bar for a half-precision encode (cosine >= 0.9999).
     embed = lambda model: torch.as_tensor(model.encode(sentences[:64])).float()
-    a, b = embed(stock), embed(optimized)
-    cos = torch.nn.functional.cosine_similarity(a, b)
-    fp32 = embed(st.SentenceTransformer(path, device=_device())) if dtype_name != "fp32" else None
-    vs_fp32 = lambda e: (
-        None if fp32 is None else float(torch.nn.functional.cosine_similarity(e, fp32).min())
-    )
-    for impl in paths:
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b).min())
+    ref, same = embed(fp32), embed(stock)
+    for impl, model in models.items():
         if impl == "stock":
             continue
+        e = embed(model)
         res.add(workload="encode", model="minilm", dtype=dtype_name, neighbour=neighbour_kind,
                 shape=dict(sentences=len(sentences), batch=32), impl=impl, stock_ms=ms["stock"],
                 fastlm_ms=ms[impl], **ms.ratio(impl),
                 sentences_per_s=len(sentences) / ms[impl] * 1e3,
-                min_cosine=float(cos.min()) if impl == "fastlm.optimize" else None,
-                min_cosine_fp32=vs_fp32(b) if impl == "fastlm.optimize" else None,
-                stock_min_cosine_fp32=vs_fp32(a))  # fmt: skip
+                stock_sentences_per_s=len(sentences) / ms["stock"] * 1e3,
+                min_cosine=cosine(e, same), min_cosine_fp32=cosine(e, ref),
+                stock_min_cosine_fp32=cosine(same, ref))  # fmt: skip
         print(f"encode {dtype_name} {neighbour_kind} {impl}: {ms['stock'] / ms[impl]:.2f}x "
               f"({len(sentences) / ms[impl] * 1e3:.0f} sentences/s)", flush=True)  # fmt: skip
+
+
+def openvino_peer(fp32_model, dtype_name: str):
+    """The encode row's OpenVINO column (benchmarks/peers.py), or None where openvino is not
+    installed. fp32 rows force OpenVINO to f32; half-precision rows take its default (bf16
+    on a CPU with a bf16 matrix unit, f32 elsewhere), the precision a user of it gets."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("encode: openvino is not installed (pip install openvino); its column left out")
+        return None
+    from benchmarks.peers import with_openvino
+
+    return with_openvino(fp32_model, "f32" if dtype_name == "fp32" else None)
 
 
 def train_cells(res, args, dtype_name, neighbour_kind):
