@@ -27,8 +27,9 @@ process spinning on one core for the whole cell, the state of a shared machine).
     python -m benchmarks.bench_workloads                       # the default CPU matrix
     python -m benchmarks.bench_workloads --only encode,forward --neighbour quiet,busy
     python -m benchmarks.bench_workloads --quick               # smoke run, tiny grid
+    python -m benchmarks.bench_workloads --replot              # table and padding plot from the JSON
 
-Results go to benchmarks/results/<cpu|gpu>/workloads.{json,md}. Wall-clock timing (CUDA
+Results go to benchmarks/results/<cpu|gpu>/workloads.{json,md,png}. Wall-clock timing (CUDA
 synchronized on a GPU); medians of ``--repeats`` after a warm-up.
 """
 
@@ -426,6 +427,49 @@ WORKLOADS = {"forward": forward_cells, "encode": encode_cells, "train": train_ce
              "generate": generate_cells, "families": family_cells}  # fmt: skip
 
 
+def padding_plot(rows: list[dict]) -> Callable[[str], None]:
+    """A plot callback for Results.save: the quiet forward cells' ratio against the padding
+    fraction, fp32 and bf16 side by side, one line per model, shape and fastlm route."""
+
+    def draw(path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cells = [r for r in rows if r["workload"] == "forward" and r["neighbour"] == "quiet"
+                 and r["impl"] != CONTROL]  # fmt: skip
+        dtypes = sorted({r["dtype"] for r in cells}, key=lambda d: d != "fp32")
+        fig, axes = plt.subplots(1, max(len(dtypes), 1), figsize=(6 * max(len(dtypes), 1), 4.5))
+        for ax, dtype in zip(getattr(axes, "flat", [axes]), dtypes, strict=False):
+            lines: dict[str, list[tuple[float, float]]] = {}
+            for r in cells:
+                if r["dtype"] == dtype:
+                    shape = r["shape"]
+                    label = f"{r['model']} {shape['batch']}x{shape['seq']} {r['impl']}"
+                    lines.setdefault(label, []).append((shape["padding"], r["ratio"]))
+            # one colour per model and shape, solid for optimize(), dashed for fastlm.models
+            shapes = sorted({label.rsplit(" ", 1)[0] for label in lines})
+            for label, pts in sorted(lines.items()):
+                if len(pts) > 1:  # a single padding is no line
+                    pts.sort()
+                    where, impl = label.rsplit(" ", 1)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                            color=plt.cm.tab10(shapes.index(where) % 10),
+                            linestyle="--" if impl == "fastlm.models" else "-")  # fmt: skip
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel("padded fraction of the batch")
+            ax.set_ylabel("stock time / fastlm time")
+            ax.set_title(f"forward, {dtype}, quiet (> 1: fastlm faster)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    return draw
+
+
 def _pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
@@ -471,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="tiny grid, 1 repeat (smoke run)")
     p.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite workloads.md and the padding plot (workloads.png) from workloads.json",
+    )
+    p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device>)"
     )
     p.add_argument(
@@ -491,17 +540,21 @@ def main(argv: list[str] | None = None) -> int:
         args.families = ["distilbert", "gpt-bigcode"]
     res = Results("workloads", args.out)
     previous = os.path.join(res.folder(), "workloads.json")
-    if args.append and os.path.exists(previous):
+    if (args.append or args.replot) and os.path.exists(previous):
         with open(previous) as f:
             res.rows = json.load(f)["rows"]
     cols = ["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms", "fastlm_ms",
             "ratio", "ratio_q1", "ratio_q3"]  # fmt: skip
+    if args.replot:  # the table and plot of the rows already measured, nothing timed
+        res.save(table_cols=cols, plot=padding_plot(res.rows))
+        return 0
     for workload in args.only.split(","):
         for dtype_name in args.dtypes.split(","):
             for kind in args.neighbour.split(","):
                 WORKLOADS[workload](res, args, dtype_name, kind)
                 res.rows = _latest(res.rows)
-                res.save(table_cols=cols)  # after every cell: a killed run keeps what finished
+                # after every cell: a killed run keeps what finished
+                res.save(table_cols=cols, plot=padding_plot(res.rows))
     return 0
 
 

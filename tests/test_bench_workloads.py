@@ -47,3 +47,15 @@ def test_static_compile_kwargs_ask_transformers_to_compile_on_cpu():
     assert kw["cache_implementation"] == "static"
     assert kw["compile_config"]._compile_all_devices is True
     assert "_compile_all_devices" not in kw["compile_config"].to_dict()
+
+
+def test_padding_plot_draws_the_quiet_forward_cells(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.bench_workloads import CONTROL, padding_plot
+
+    rows = [_row(impl, r, padding=p) for impl in ("fastlm.optimize", "fastlm.models")
+            for p, r in ((0.0, 1.0), (0.5, 1.8))]  # fmt: skip
+    rows += [dict(_row(CONTROL, 1.0), neighbour="busy"), dict(_row("x", 2.0), dtype="bf16")]
+    path = tmp_path / "plot.png"
+    padding_plot(rows)(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
