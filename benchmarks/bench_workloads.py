@@ -27,7 +27,7 @@ process spinning on one core for the whole cell, the state of a shared machine).
     python -m benchmarks.bench_workloads                       # the default CPU matrix
     python -m benchmarks.bench_workloads --only encode,forward --neighbour quiet,busy
     python -m benchmarks.bench_workloads --quick               # smoke run, tiny grid
-    python -m benchmarks.bench_workloads --replot              # table and padding plot from the JSON
+    python -m benchmarks.bench_workloads --replot              # the padding plot from the JSON
 
 Results go to benchmarks/results/<cpu|gpu>/workloads.{json,md,png}. Wall-clock timing (CUDA
 synchronized on a GPU); medians of ``--repeats`` after a warm-up.
@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks.harness import Results
+from benchmarks.harness import Results, label_axes, save_figure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _WORDS = (
@@ -458,14 +458,9 @@ def padding_plot(rows: list[dict]) -> Callable[[str], None]:
                             color=plt.cm.tab10(shapes.index(where) % 10),
                             linestyle="--" if impl == "fastlm.models" else "-")  # fmt: skip
             ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xlabel("padded fraction of the batch")
-            ax.set_ylabel("stock time / fastlm time")
-            ax.set_title(f"forward, {dtype}, quiet (> 1: fastlm faster)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+            label_axes(ax, "padded fraction of the batch", "stock time / fastlm time",
+                       f"forward, {dtype}, quiet (> 1: fastlm faster)", legend_size=6)  # fmt: skip
+        save_figure(fig, path, dpi=110)
 
     return draw
 
@@ -517,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replot",
         action="store_true",
-        help="rewrite workloads.md and the padding plot (workloads.png) from workloads.json",
+        help="redraw the padding plot (workloads.png) from workloads.json, timing nothing",
     )
     p.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/<device>)"
@@ -545,8 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             res.rows = json.load(f)["rows"]
     cols = ["workload", "model", "dtype", "neighbour", "shape", "impl", "stock_ms", "fastlm_ms",
             "ratio", "ratio_q1", "ratio_q3"]  # fmt: skip
-    if args.replot:  # the table and plot of the rows already measured, nothing timed
-        res.save(table_cols=cols, plot=padding_plot(res.rows))
+    if args.replot:  # the plot of the rows already measured; the JSON and table untouched
+        path = os.path.join(res.folder(), "workloads.png")
+        padding_plot(res.rows)(path)
+        print(f"wrote {path}")
         return 0
     for workload in args.only.split(","):
         for dtype_name in args.dtypes.split(","):

@@ -231,13 +231,24 @@ def line_plot(rows: list[dict], x: str, y: str, series: str, title: str) -> Call
             )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(key))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        label_axes(ax, x, y, title)
+        save_figure(fig, path)
 
     return draw
+
+
+def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7) -> None:
+    """The labels, title, light grid and legend every benchmark plot carries."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
