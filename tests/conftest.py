@@ -50,21 +50,3 @@ def _fresh_backend_decisions():
     backends.forget_decisions()
     yield
     backends.forget_decisions()
-
-
-# The few tests that take a minute or more (the GPU check's dry run, nvcc and g++ compile
-# checks, whole-model torch.compile) run first. pytest-xdist's worksteal hands each worker
-# half the collection and lets an idle worker take queued tests from the other, which it
-# cannot do for one long test already running: collected last, such a test leaves the other
-# core idle at the end of the run.
-LONG_FIRST = (
-    "tests/test_gpu_check.py",
-    "tests/csrc/test_compile.py",
-    "tests/csrc/test_binding_syntax.py",
-    "tests/integrations/test_compile_hf.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {path: i for i, path in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
