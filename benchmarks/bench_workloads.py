@@ -238,7 +238,8 @@ def encode_cells(res, args, dtype_name, neighbour_kind):
     kw = dict(device=_device(), model_kwargs={"dtype": dtype})
     stock = st.SentenceTransformer(path, **kw)
     optimized = fastlm.optimize(st.SentenceTransformer(path, **kw))
-    fp32 = st.SentenceTransformer(path, device=_device())  # the parity bar, and OpenVINO's source
+    # the parity bar, and OpenVINO's source: stock itself in an fp32 row
+    fp32 = stock if dtype == torch.float32 else st.SentenceTransformer(path, device=_device())
     models = {"stock": stock, "fastlm.optimize": optimized}
     peer = openvino_peer(fp32, dtype_name) if _device() == "cpu" else None
     if peer is not None:
@@ -440,21 +441,22 @@ def padding_plot(rows: list[dict]) -> Callable[[str], None]:
         cells = [r for r in rows if r["workload"] == "forward" and r["neighbour"] == "quiet"
                  and r["impl"] != CONTROL]  # fmt: skip
         dtypes = sorted({r["dtype"] for r in cells}, key=lambda d: d != "fp32")
-        fig, axes = plt.subplots(1, max(len(dtypes), 1), figsize=(6 * max(len(dtypes), 1), 4.5))
+        panels = max(len(dtypes), 1)
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
         for ax, dtype in zip(getattr(axes, "flat", [axes]), dtypes, strict=False):
-            lines: dict[str, list[tuple[float, float]]] = {}
+            lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for r in cells:
                 if r["dtype"] == dtype:
                     shape = r["shape"]
-                    label = f"{r['model']} {shape['batch']}x{shape['seq']} {r['impl']}"
-                    lines.setdefault(label, []).append((shape["padding"], r["ratio"]))
+                    where = f"{r['model']} {shape['batch']}x{shape['seq']}"
+                    lines.setdefault((where, r["impl"]), []).append((shape["padding"], r["ratio"]))
             # one colour per model and shape, solid for optimize(), dashed for fastlm.models
-            shapes = sorted({label.rsplit(" ", 1)[0] for label in lines})
-            for label, pts in sorted(lines.items()):
+            shapes = sorted({where for where, _ in lines})
+            for (where, impl), pts in sorted(lines.items()):
                 if len(pts) > 1:  # a single padding is no line
                     pts.sort()
-                    where, impl = label.rsplit(" ", 1)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            label=f"{where} {impl}",
                             color=plt.cm.tab10(shapes.index(where) % 10),
                             linestyle="--" if impl == "fastlm.models" else "-")  # fmt: skip
             ax.axhline(1.0, color="black", linewidth=0.8)
