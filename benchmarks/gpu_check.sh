@@ -39,7 +39,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1  # before anything imports triton
   PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo "$REPO/.venv/bin/python" || echo python3)}"
-  WORKERS=2 PER_TEST=120 PER_LINE=1 BENCH_BUDGET=60 DRY_FLAG=--dry-run
+  # One xdist worker: the dry run's nine tests take seconds, and each worker pays its own
+  # imports and collection (12 s of CPU that the CI suite, already on both cores, waits for).
+  WORKERS=1 PER_TEST=120 PER_LINE=1 BENCH_BUDGET=60 DRY_FLAG=--dry-run
   T_PROBE=60 T_CORRECTNESS=150 T_MODELS=120 T_BENCH=120
 else
   PYTHON="${PYTHON:-python3}"
