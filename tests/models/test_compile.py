@@ -65,29 +65,31 @@ def _check_shapes(model, compiled, backend, vocab: int, outputs, left: bool = Fa
     assert backend.graphs == first, f"recompiled for shapes {SHAPES[1:]}"
 
 
-def test_bert_model_compiles_whole_and_once():
+def test_bert_compiles_whole_and_once_and_checks_token_ids_on_device():
+    """BertModel under a sequence-classification head (the pooler and the head on top): its
+    last hidden state and the logits. Then, with the same compiled graph, the id range check:
+    under torch.compile it is a device-side assert (no host read), so a bad id still fails,
+    as a RuntimeError from the assert instead of a ValueError. (One model for the three
+    checks: each torch.compile of a model costs 10 s on a CI core.)"""
     torch.manual_seed(0)
-    model = fm.BertModel(fm.BertConfig.from_hf(tiny_bert_config())).eval()
+    config = fm.BertConfig.from_hf(tiny_bert_config(num_labels=3))
+    model = fm.BertForSequenceClassification(config).eval()
     compiled, backend = _compiled(model)
 
     def outputs(m, ids, mask):
-        out = m(ids, attention_mask=mask)
-        return out.last_hidden_state, out.pooler_output
+        out = m(ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits
 
-    _check_shapes(model, compiled, backend, model.config.vocab_size, outputs)
+    _check_shapes(model, compiled, backend, config.vocab_size, outputs)
+    ids, mask = _inputs(config.vocab_size, 2, 7)
+    ids[0, 0] = config.vocab_size
+    with torch.no_grad(), pytest.raises(RuntimeError, match="token ids must lie in"):
+        compiled(ids, attention_mask=mask, output_hidden_states=True)
 
 
-@pytest.mark.parametrize(
-    "make, left",
-    [
-        (lambda: fm.BertForSequenceClassification(fm.BertConfig.from_hf(tiny_bert_config(num_labels=3))), False),
-        (lambda: fm.GPT2LMHeadModel(fm.GPT2Config.from_hf(tiny_gpt2_config())), True),
-    ],
-    ids=["bert-seqcls", "gpt2-lm"],
-)  # fmt: skip
-def test_head_compiles_whole_and_once(make, left):
+def test_gpt2_lm_compiles_whole_and_once():
     torch.manual_seed(0)
-    model = make().eval()
+    model = fm.GPT2LMHeadModel(fm.GPT2Config.from_hf(tiny_gpt2_config())).eval()
     compiled, backend = _compiled(model)
     _check_shapes(
         model,
@@ -95,16 +97,5 @@ def test_head_compiles_whole_and_once(make, left):
         backend,
         model.config.vocab_size,
         lambda m, ids, mask: (m(ids, attention_mask=mask).logits,),
-        left=left,
+        left=True,
     )
-
-
-def test_compiled_bert_checks_token_ids_on_device():
-    """Under torch.compile the id range check is a device-side assert (no host read): a bad
-    id still fails, as a RuntimeError from the assert instead of a ValueError."""
-    model = fm.BertModel(fm.BertConfig.from_hf(tiny_bert_config())).eval()
-    compiled, _ = _compiled(model)
-    ids, mask = _inputs(model.config.vocab_size, 2, 7)
-    ids[0, 0] = model.config.vocab_size
-    with torch.no_grad(), pytest.raises(RuntimeError, match="token ids must lie in"):
-        compiled(ids, attention_mask=mask)
