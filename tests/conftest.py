@@ -21,6 +21,11 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The CPU thread governor (fastlm.cpu_threads) reacts to the machine's load, and the suite
+# itself loads it (two workers on two cores): off, so no test's thread count depends on what
+# ran beside it. tests/test_cpu_threads.py turns it on where it is the subject.
+os.environ.setdefault("FASTLM_CPU_THREADS", "off")
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 

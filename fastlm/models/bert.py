@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from fastlm.cpu_threads import governed
 from fastlm.models._base import (
     FastLMPreTrained,
     check_attention_mask,
@@ -193,6 +194,7 @@ class BertLayer(nn.Module):
             gelu_approximate(config.hidden_act, "BertModel"),
         )
 
+    @governed
     def forward(self, x: torch.Tensor, layout: Packed | Padded, backend) -> torch.Tensor:
         x = self.attention(x, layout, backend)
         self.ffn.backend = backend

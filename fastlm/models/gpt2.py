@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fastlm.cpu_threads import governed
 from fastlm.models._base import (
     FastLMPreTrained,
     check_attention_mask,
@@ -191,6 +192,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config.inner_dim, config)
 
+    @governed
     def forward(self, r, m, mask, cache, order, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """``r``: the residual stream before the previous block's MLP output ``m`` is added
         (``m`` None in the first block, where ``r`` is the embeddings). Returns this block's

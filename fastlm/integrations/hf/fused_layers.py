@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastlm.cpu_threads import governed
 from fastlm.integrations.hf.attention import attentions_requested
 from fastlm.integrations.hf.families import FAMILIES, EncoderLayout, Family
 from fastlm.integrations.hf.log import log_once
@@ -151,6 +152,7 @@ class _BertCall(_PostNormEncoder):
     ELECTRA): ``(hidden, mask, encoder_hidden_states, encoder_attention_mask, cache)``, with
     cross-attention in decoders and KV caches in generate."""
 
+    @governed
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, **kwargs):  # fmt: skip
         # The cache stays in kwargs under the name the encoder used (transformers renamed it
@@ -180,6 +182,7 @@ class _MaskCall(_PostNormEncoder):
     """Encoder-only layers called as ``(hidden, mask)`` (DistilBERT, ALBERT). A call the
     fused attention cannot serve runs transformers' forward (over fastlm's LayerNorms)."""
 
+    @governed
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         unfused = unfused_self_attention_reason(attention_mask, kwargs)
         if unfused is not None:
@@ -195,6 +198,7 @@ class _MPNetCall(_PostNormEncoder):
     the FFN (two thirds of the layer's GEMM work) runs on the valid tokens only when the
     padding pays for it, under the same rule as the other encoders."""
 
+    @governed
     def forward(self, hidden_states, attention_mask=None, position_bias=None,
                 output_attentions=False, **kwargs):  # fmt: skip
         outputs = self.attention(
@@ -230,6 +234,7 @@ class _GPT2Call(_FastLayer):
     on the "fastlm" attention function, each residual add fused into the LayerNorm after
     it, the MLP as a GeluFFN."""
 
+    @governed
     def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, use_cache=False, **kwargs):  # fmt: skip
         cross = encoder_hidden_states is not None
@@ -262,6 +267,7 @@ class _DecoderMLP(_FastLayer):
     "fastlm" function and its KV cache stay transformers', whatever the block's signature.
     The padding mask reaches it from its backbone's forward (:func:`remember_padding`)."""
 
+    @governed
     def forward(self, hidden_states):
         parts = self.__dict__[PARTS]
         valid = _BACKBONE_PADDING.get() if parts.skip_padding else None

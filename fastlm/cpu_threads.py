@@ -1,0 +1,158 @@
+"""How many threads fastlm's layers use on a CPU whose cores another process is also using.
+
+PyTorch's CPU ops (MKL's GEMMs, OpenMP loops) split each op evenly between the intra-op
+threads and wait for the last one. When another process keeps one of the cores busy, the
+thread that shares that core runs only part of the time, and every op waits for it. On this
+project's 2-core machine, a MiniLM forward with one core busy elsewhere (medians of 9,
+stock transformers and fastlm alike):
+
+=========  =====================  =====================  ====================
+shape      2 threads, quiet       2 threads, busy        1 thread, busy
+=========  =====================  =====================  ====================
+1 x 16     23 ms                  49 ms                  20 ms
+8 x 32     75 ms                  248 ms                 113 ms
+32 x 128   1229 ms                2171 ms                1769 ms
+=========  =====================  =====================  ====================
+
+So with a busy neighbour, fewer threads are faster. What gives it away is cheap to read:
+the process's CPU time over a layer against its wall time. Quiet, each of ``n`` threads
+computes or spins the whole time (utilization ``C / (n W)`` of 0.94-1.05 measured); a
+thread that shares its core is off it part of the time (0.58-0.77 measured, 2 threads).
+
+**The rule.** Each fastlm layer forward on CPU tensors runs in :func:`scope`. At the user's
+thread count ``n`` (``torch.get_num_threads()``, never exceeded), a layer of at least
+:data:`MIN_WALL_S` whose utilization is below ``1 - SHARE / n`` (0.875 at 2 threads: the
+halfway mark to one thread running half the time) counts as starved; :data:`STARVED_IN_A_ROW`
+starved layers in a row and the following layers run at ``n - k`` threads, ``k`` the cores
+the lost CPU time amounts to (at least 1). Every :data:`PROBE_EVERY`-th layer after that
+runs at ``n`` again as a probe: not starved, and the user's count is back. The setting is
+the process's (the neighbour is outside it) and the thread count is set for the layer only:
+each scope restores the caller's count when it ends, exception or not (``torch``'s count is
+per calling thread under OpenMP, so other Python threads are not touched). Costs about 2 us
+a layer (two clock reads; a thread-count change is 0.4 us).
+
+``FASTLM_CPU_THREADS=off`` keeps the user's count always (benchmarks of the plain form);
+``auto`` (the default) applies the rule. Nothing changes on other devices, under
+torch.compile, or at one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+MODE = os.environ.get("FASTLM_CPU_THREADS", "auto")
+_MODES = ("auto", "off")
+# Layers shorter than this are not judged: clock and scheduling noise dominate there.
+MIN_WALL_S = 0.002
+# Starved when the process got less than n - SHARE cores' worth of CPU time over a layer
+# (utilization 1 - SHARE / n): halfway between every thread running (n) and one of the n
+# running half the time (n - 0.5).
+SHARE = 0.25
+# Starved layers in a row before threads are taken away (one slow layer is not a neighbour).
+STARVED_IN_A_ROW = 2
+# While reduced, every PROBE_EVERY-th layer runs at the user's count to see if the cores
+# are free again (one layer of a few dozen: a 6-layer model probes every few forwards).
+PROBE_EVERY = 24
+
+
+class Governor:
+    """The process's thread choice for fastlm's CPU layers (see the module docstring).
+
+    ``wall`` and ``cpu`` are the clocks (injected by tests); ``set_threads`` sets the
+    calling thread's intra-op count. Python threads running layers at once share it without
+    a lock: a lost update only shifts a probe or a judgement by a layer."""
+
+    def __init__(self, wall: Callable[[], float] = time.perf_counter,
+                 cpu: Callable[[], float] = time.process_time,
+                 set_threads: Callable[[int], None] = torch.set_num_threads):  # fmt: skip
+        self.wall, self.cpu, self.set_threads = wall, cpu, set_threads
+        self.reset()
+
+    def reset(self) -> None:
+        self.reduced_by = 0  # threads taken from the user's count (0: the user's count)
+        self.starved = 0  # starved layers in a row at the user's count
+        self.since_probe = 0
+
+    def threads_for(self, n: int) -> int:
+        """The thread count of the next layer when the user's count is ``n``."""
+        if self.reduced_by == 0:
+            return n
+        self.since_probe += 1
+        if self.since_probe >= PROBE_EVERY:  # a probe at the user's count
+            self.since_probe = 0
+            return n
+        return max(1, n - self.reduced_by)
+
+    def observe(self, n: int, threads: int, wall_s: float, cpu_s: float) -> None:
+        """Judge a layer that ran at ``threads`` of the user's ``n`` for ``wall_s`` seconds
+        and ``cpu_s`` seconds of process CPU time. Only layers at the user's count are
+        judged (a reduced layer cannot show whether the cores are free again)."""
+        if threads != n or wall_s < MIN_WALL_S:
+            return
+        used = cpu_s / wall_s  # cores' worth of CPU time the process got
+        if used >= n - SHARE:
+            self.reset()
+            return
+        self.starved += 1
+        if self.reduced_by or self.starved >= STARVED_IN_A_ROW:
+            # the cores' worth the layer lost, at least one thread
+            self.reduced_by = min(n - 1, max(1, round(n - used)))
+            self.since_probe = 0
+
+    @contextlib.contextmanager
+    def scope(self, x: torch.Tensor) -> Iterator[None]:
+        """Run the body (one layer over ``x``) at the thread count the rule gives."""
+        if MODE not in _MODES:
+            raise ValueError(f"FASTLM_CPU_THREADS must be one of {_MODES}, got {MODE!r}")
+        if MODE == "off" or x.device.type != "cpu" or torch.compiler.is_compiling():
+            yield
+            return
+        n = torch.get_num_threads()
+        if n == 1:
+            yield
+            return
+        threads = self.threads_for(n)
+        if threads != n:
+            self.set_threads(threads)
+        wall, cpu = self.wall(), self.cpu()
+        try:
+            yield
+        finally:
+            wall, cpu = self.wall() - wall, self.cpu() - cpu
+            if threads != n:
+                self.set_threads(n)
+            self.observe(n, threads, wall, cpu)
+
+
+GOVERNOR = Governor()
+
+
+def scope(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """The process governor's scope for one layer over ``x`` (see the module docstring)."""
+    return GOVERNOR.scope(x)
+
+
+def threads_taken() -> int:
+    """How many of the user's threads fastlm's CPU layers leave out now (0: none)."""
+    return GOVERNOR.reduced_by
+
+
+def governed(forward: Callable) -> Callable:
+    """Decorate a layer's ``forward(self, x, ...)`` to run in :func:`scope` of ``x`` on CPU
+    tensors in eager mode (a traced forward, and every other device, call it directly: no
+    context manager for torch.compile to trace)."""
+
+    @functools.wraps(forward)
+    def run(self, x, *args, **kwargs):
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.is_cuda:
+            return forward(self, x, *args, **kwargs)
+        with GOVERNOR.scope(x):
+            return forward(self, x, *args, **kwargs)
+
+    return run
