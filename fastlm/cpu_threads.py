@@ -15,21 +15,25 @@ shape      2 threads, quiet       2 threads, busy        1 thread, busy
 =========  =====================  =====================  ====================
 
 So with a busy neighbour, fewer threads are faster. What gives it away is cheap to read:
-the process's CPU time over a layer against its wall time. Quiet, each of ``n`` threads
-computes or spins the whole time (utilization ``C / (n W)`` of 0.94-1.05 measured); a
-thread that shares its core is off it part of the time (0.58-0.77 measured, 2 threads).
+the process's CPU time against the wall time of fastlm's layers. Quiet, each of ``n``
+threads computes or spins the whole time (utilization ``C / (n W)`` of 0.89-1.05 per
+layer measured, a few single layers lower); a thread that shares its core is off it part of
+the time (0.58-0.77 measured, 2 threads).
 
-**The rule.** Each fastlm layer forward on CPU tensors runs in :func:`scope`. At the user's
-thread count ``n`` (``torch.get_num_threads()``, never exceeded), a layer of at least
-:data:`MIN_WALL_S` whose utilization is below ``1 - SHARE / n`` (0.875 at 2 threads: the
-halfway mark to one thread running half the time) counts as starved; :data:`STARVED_IN_A_ROW`
-starved layers in a row and the following layers run at ``n - k`` threads, ``k`` the cores
-the lost CPU time amounts to (at least 1). Every :data:`PROBE_EVERY`-th layer after that
-runs at ``n`` again as a probe: not starved, and the user's count is back. The setting is
-the process's (the neighbour is outside it) and the thread count is set for the layer only:
-each scope restores the caller's count when it ends, exception or not (``torch``'s count is
-per calling thread under OpenMP, so other Python threads are not touched). Costs about 2 us
-a layer (two clock reads; a thread-count change is 0.4 us).
+**The rule.** Each fastlm layer forward on CPU tensors runs in :func:`scope`. Layers of at
+least :data:`MIN_WALL_S` at the user's thread count ``n`` (``torch.get_num_threads()``,
+never exceeded) are summed into windows of :data:`WINDOW_S` of wall time (one odd layer does
+not decide). A window in which the process got less than ``n - SHARE`` cores' worth of CPU
+time (utilization 0.85 at 2 threads, between the quiet and the busy readings) is starved;
+:data:`STARVED_IN_A_ROW` starved windows in a row and the following layers run at
+``n - k`` threads, ``k`` the cores' worth the window lost (at least 1). After
+:data:`PROBE_EVERY` such layers the next run at ``n`` again until a window is full (a
+probe): not starved, and the user's count is back. The setting is the process's (the
+neighbour is outside it) and the thread count is set for the layer only: each scope
+restores the caller's count when it ends, exception or not (``torch``'s count is per
+calling thread under OpenMP, so other Python threads are not touched). Costs about 2 us a
+layer (two clock reads; a thread-count change is 0.4 us). Outputs do not depend on it: the
+BLAS splits rows and columns between threads, not the sums.
 
 ``FASTLM_CPU_THREADS=off`` keeps the user's count always (benchmarks of the plain form);
 ``auto`` (the default) applies the rule. Nothing changes on other devices, under
@@ -48,16 +52,17 @@ import torch
 
 MODE = os.environ.get("FASTLM_CPU_THREADS", "auto")
 _MODES = ("auto", "off")
-# Layers shorter than this are not judged: clock and scheduling noise dominate there.
+# Layers shorter than this are not judged: Python's share of them, clock and scheduling
+# noise dominate there (a decode step's layer is about 1 ms).
 MIN_WALL_S = 0.002
-# Starved when the process got less than n - SHARE cores' worth of CPU time over a layer
-# (utilization 1 - SHARE / n): halfway between every thread running (n) and one of the n
-# running half the time (n - 0.5).
-SHARE = 0.25
-# Starved layers in a row before threads are taken away (one slow layer is not a neighbour).
+# Layers at the user's count are judged together, this much wall time at a time.
+WINDOW_S = 0.04
+# A window is starved when the process got less than n - SHARE cores' worth of CPU time.
+SHARE = 0.3
+# Starved windows in a row before threads are taken away.
 STARVED_IN_A_ROW = 2
-# While reduced, every PROBE_EVERY-th layer runs at the user's count to see if the cores
-# are free again (one layer of a few dozen: a 6-layer model probes every few forwards).
+# Layers at the reduced count between probes at the user's count (a 6-layer model probes
+# every few forwards; a probe's window costs a layer or two at the starved speed).
 PROBE_EVERY = 24
 
 
@@ -66,7 +71,7 @@ class Governor:
 
     ``wall`` and ``cpu`` are the clocks (injected by tests); ``set_threads`` sets the
     calling thread's intra-op count. Python threads running layers at once share it without
-    a lock: a lost update only shifts a probe or a judgement by a layer."""
+    a lock: a lost update only shifts a probe or a window by a layer."""
 
     def __init__(self, wall: Callable[[], float] = time.perf_counter,
                  cpu: Callable[[], float] = time.process_time,
@@ -76,34 +81,42 @@ class Governor:
 
     def reset(self) -> None:
         self.reduced_by = 0  # threads taken from the user's count (0: the user's count)
-        self.starved = 0  # starved layers in a row at the user's count
-        self.since_probe = 0
+        self.starved = 0  # starved windows in a row
+        self.since_probe = 0  # layers run at the reduced count since the last probe
+        self.probing = False  # a window at the user's count while reduced
+        self._window_wall = self._window_cpu = 0.0
 
     def threads_for(self, n: int) -> int:
         """The thread count of the next layer when the user's count is ``n``."""
-        if self.reduced_by == 0:
+        if self.reduced_by == 0 or self.probing:
             return n
         self.since_probe += 1
-        if self.since_probe >= PROBE_EVERY:  # a probe at the user's count
-            self.since_probe = 0
+        if self.since_probe > PROBE_EVERY:
+            self.probing = True
             return n
         return max(1, n - self.reduced_by)
 
     def observe(self, n: int, threads: int, wall_s: float, cpu_s: float) -> None:
-        """Judge a layer that ran at ``threads`` of the user's ``n`` for ``wall_s`` seconds
-        and ``cpu_s`` seconds of process CPU time. Only layers at the user's count are
-        judged (a reduced layer cannot show whether the cores are free again)."""
+        """Add a layer that ran at ``threads`` of the user's ``n`` for ``wall_s`` seconds and
+        ``cpu_s`` seconds of process CPU time; judge the window when it is full. Layers at a
+        reduced count are not judged (they cannot show whether the cores are free again)."""
         if threads != n or wall_s < MIN_WALL_S:
             return
-        used = cpu_s / wall_s  # cores' worth of CPU time the process got
+        self._window_wall += wall_s
+        self._window_cpu += cpu_s
+        if self._window_wall < WINDOW_S:
+            return
+        used = self._window_cpu / self._window_wall  # cores' worth of CPU time the process got
+        self._window_wall = self._window_cpu = 0.0
         if used >= n - SHARE:
             self.reset()
             return
         self.starved += 1
         if self.reduced_by or self.starved >= STARVED_IN_A_ROW:
-            # the cores' worth the layer lost, at least one thread
+            # the cores' worth the window lost, at least one thread
             self.reduced_by = min(n - 1, max(1, round(n - used)))
             self.since_probe = 0
+            self.probing = False
 
     @contextlib.contextmanager
     def scope(self, x: torch.Tensor) -> Iterator[None]:

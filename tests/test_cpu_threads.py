@@ -44,14 +44,14 @@ def auto(monkeypatch):
     ct.GOVERNOR.reset()
 
 
-def _layer(gov: ct.Governor, cores) -> int:
-    """One layer of 10 ms at the user's thread count as the rule sets it, getting ``cores``
-    cores' worth of CPU time (a number, or a function of the thread count it ran at);
-    returns that thread count."""
+def _layer(gov: ct.Governor, cores, wall_s: float = ct.WINDOW_S) -> int:
+    """One layer (by default a whole window long) at the user's thread count as the rule
+    sets it, getting ``cores`` cores' worth of CPU time (a number, or a function of the
+    thread count it ran at); returns that thread count."""
     n = torch.get_num_threads()
     ran = gov.threads_for(n)
     got = cores(ran) if callable(cores) else cores
-    gov.observe(n, ran, 0.01, 0.01 * got)
+    gov.observe(n, ran, wall_s, wall_s * got)
     return ran
 
 
@@ -63,16 +63,16 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_quiet_layers_keep_the_users_count(governor, two_threads):
+def test_quiet_windows_keep_the_users_count(governor, two_threads):
     gov, _, _ = governor
-    for cores in (2.0, 1.9, 1.76, 2.1):  # utilization 0.88-1.05: every thread on a core
+    for cores in (2.0, 1.9, 1.72, 2.1):  # utilization 0.86-1.05: every thread on a core
         assert _layer(gov, cores) == 2
     assert gov.reduced_by == 0
 
 
-def test_two_starved_layers_in_a_row_take_a_thread(governor, two_threads):
+def test_two_starved_windows_in_a_row_take_a_thread(governor, two_threads):
     gov, _, _ = governor
-    assert _layer(gov, 1.3) == 2  # one starved layer is not yet a neighbour
+    assert _layer(gov, 1.3) == 2  # one starved window is not yet a neighbour
     assert _layer(gov, 1.95) == 2  # and a quiet one in between starts over
     assert _layer(gov, 1.3) == 2
     assert _layer(gov, 1.4) == 2
@@ -80,14 +80,27 @@ def test_two_starved_layers_in_a_row_take_a_thread(governor, two_threads):
     assert _layer(gov, 1.0) == 1  # the next layers run at one thread
 
 
+def test_a_window_sums_its_layers(governor, two_threads):
+    """One slow layer among quiet ones does not starve a window; layers of a busy machine
+    do, however short (above MIN_WALL_S) each is."""
+    gov, _, _ = governor
+    for _ in range(ct.STARVED_IN_A_ROW):  # two slow layers in a row, 1.8 cores a window
+        for cores in (1.2, 1.2, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0):
+            _layer(gov, cores, ct.WINDOW_S / 8)
+    assert gov.reduced_by == 0 and gov.starved == 0
+    for _ in range(ct.STARVED_IN_A_ROW * 8):
+        _layer(gov, 1.3, ct.WINDOW_S / 8)
+    assert gov.reduced_by == 1
+
+
 def test_the_threads_taken_are_the_cores_lost(governor):
     gov, _, _ = governor
     for _ in range(ct.STARVED_IN_A_ROW):
-        gov.observe(8, 8, 0.05, 0.05 * 5.6)  # 8 threads, 5.6 cores' worth: 2.4 lost
+        gov.observe(8, 8, ct.WINDOW_S, ct.WINDOW_S * 5.6)  # 8 threads, 5.6 cores: 2.4 lost
     assert gov.reduced_by == 2
     assert gov.threads_for(8) == 6
     for _ in range(ct.STARVED_IN_A_ROW):
-        gov.observe(4, 4, 0.05, 0.05 * 0.2)  # never below one thread
+        gov.observe(4, 4, ct.WINDOW_S, ct.WINDOW_S * 0.2)  # never below one thread
     assert gov.reduced_by == 3 and gov.threads_for(4) == 1
 
 
@@ -99,24 +112,25 @@ def test_probes_at_the_users_count_and_gives_threads_back(governor, two_threads)
 
     for _ in range(ct.STARVED_IN_A_ROW):
         _layer(gov, busy)
-    counts = [_layer(gov, busy) for _ in range(2 * ct.PROBE_EVERY)]
-    # every PROBE_EVERY-th layer ran at two threads (a probe); starved, it kept one thread
+    counts = [_layer(gov, busy) for _ in range(2 * (ct.PROBE_EVERY + 1))]
+    # after PROBE_EVERY layers at one thread a window ran at two (a probe); starved, it
+    # went back to one thread
     probes = [i for i, c in enumerate(counts) if c == 2]
-    assert probes == [ct.PROBE_EVERY - 1, 2 * ct.PROBE_EVERY - 1], counts
+    assert probes == [ct.PROBE_EVERY, 2 * ct.PROBE_EVERY + 1], counts
     assert gov.reduced_by == 1
     # the neighbour leaves: the next probe gets both cores and the count comes back
-    counts = [_layer(gov, lambda ran: float(ran)) for _ in range(ct.PROBE_EVERY)]
+    counts = [_layer(gov, lambda ran: float(ran)) for _ in range(ct.PROBE_EVERY + 1)]
     assert counts[-1] == 2 and set(counts[:-1]) == {1} and gov.reduced_by == 0
     assert _layer(gov, 2.0) == 2
 
 
 def test_short_layers_and_reduced_layers_are_not_judged(governor):
     gov, _, _ = governor
-    for _ in range(5):
-        gov.observe(2, 2, ct.MIN_WALL_S / 2, 0.0)  # too short to tell
+    for _ in range(round(4 * ct.WINDOW_S / ct.MIN_WALL_S)):
+        gov.observe(2, 2, ct.MIN_WALL_S / 2, 0.0)  # too short to tell, however many
     assert gov.reduced_by == 0 and gov.starved == 0
     gov.reduced_by = 1
-    gov.observe(2, 1, 0.05, 0.05)  # at one thread: says nothing about the second core
+    gov.observe(2, 1, ct.WINDOW_S, ct.WINDOW_S)  # one thread: nothing about the second core
     assert gov.reduced_by == 1
 
 
