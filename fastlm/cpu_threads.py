@@ -157,15 +157,17 @@ def threads_taken() -> int:
 
 
 def governed(forward: Callable) -> Callable:
-    """Decorate a layer's ``forward(self, x, ...)`` to run in :func:`scope` of ``x`` on CPU
-    tensors in eager mode (a traced forward, and every other device, call it directly: no
-    context manager for torch.compile to trace)."""
+    """Decorate a layer's ``forward(self, x, ...)`` (``x`` the hidden states, positional or
+    as ``hidden_states=``) to run in :func:`scope` of ``x`` on CPU tensors in eager mode (a
+    traced forward, and every other device, call it directly: no context manager for
+    torch.compile to trace)."""
 
     @functools.wraps(forward)
-    def run(self, x, *args, **kwargs):
+    def run(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
         if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.is_cuda:
-            return forward(self, x, *args, **kwargs)
+            return forward(self, *args, **kwargs)
         with GOVERNOR.scope(x):
-            return forward(self, x, *args, **kwargs)
+            return forward(self, *args, **kwargs)
 
     return run

@@ -208,3 +208,15 @@ def test_every_layer_runs_at_the_governed_count(name, auto, two_threads, monkeyp
     assert torch.get_num_threads() == 2
     valid = mask.bool()
     torch.testing.assert_close(got[valid], ref[valid], atol=1e-6, rtol=1e-6)
+
+
+def test_a_layer_called_with_hidden_states_by_keyword_is_governed(auto, two_threads, monkeypatch):
+    """transformers may hand a layer its hidden states by keyword: still one governed scope."""
+    model = fastlm.optimize(transformers.BertModel(tiny_bert_config()).eval())
+    layer = model.encoder.layer[0]
+    seen = _spy_threads(monkeypatch)
+    ct.GOVERNOR.reduced_by = 1
+    ct.GOVERNOR.since_probe = -100
+    with torch.no_grad():
+        layer(hidden_states=torch.randn(2, 5, tiny_bert_config().hidden_size))
+    assert seen == [1] and torch.get_num_threads() == 2
