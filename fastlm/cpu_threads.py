@@ -3,15 +3,15 @@
 PyTorch's CPU ops (MKL's GEMMs, OpenMP loops) split each op evenly between the intra-op
 threads and wait for the last one. When another process keeps one of the cores busy, the
 thread that shares that core runs only part of the time, and every op waits for it. On this
-project's 2-core machine, a MiniLM forward with one core busy elsewhere (medians of 9,
-stock transformers and fastlm alike):
+project's 2-core machine, a stock MiniLM forward with one core busy elsewhere (medians of
+7, ``benchmarks/bench_cpu_threads.py``; ``benchmarks/results/cpu/cpu_threads.md``):
 
 =========  =====================  =====================  ====================
 shape      2 threads, quiet       2 threads, busy        1 thread, busy
 =========  =====================  =====================  ====================
-1 x 16     23 ms                  49 ms                  20 ms
-8 x 32     75 ms                  248 ms                 113 ms
-32 x 128   1229 ms                2171 ms                1769 ms
+1 x 16     19 ms                  158 ms                 19 ms
+8 x 32     75 ms                  276 ms                 113 ms
+32 x 128   1151 ms                2412 ms                2278 ms
 =========  =====================  =====================  ====================
 
 So with a busy neighbour, fewer threads are faster. What gives it away is cheap to read:
