@@ -20,9 +20,9 @@ threads computes or spins the whole time (utilization ``C / (n W)`` of 0.89-1.05
 layer measured, a few single layers lower); a thread that shares its core is off it part of
 the time (0.58-0.77 measured, 2 threads).
 
-**The rule.** Each fastlm layer forward on CPU tensors runs in :func:`scope`. Layers of at
-least :data:`MIN_WALL_S` at the user's thread count ``n`` (``torch.get_num_threads()``,
-never exceeded) are summed into windows of :data:`WINDOW_S` of wall time (one odd layer does
+**The rule.** Each fastlm layer forward on CPU tensors runs in :meth:`Governor.scope`
+(through :func:`governed`). Layers of at least :data:`MIN_WALL_S` at the user's thread
+count ``n`` (``torch.get_num_threads()``, never exceeded) are summed into windows of :data:`WINDOW_S` of wall time (one odd layer does
 not decide). A window in which the process got less than ``n - SHARE`` cores' worth of CPU
 time (utilization 0.85 at 2 threads, between the quiet and the busy readings) is starved;
 :data:`STARVED_IN_A_ROW` starved windows in a row and the following layers run at
@@ -149,21 +149,11 @@ class Governor:
 GOVERNOR = Governor()
 
 
-def scope(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    """The process governor's scope for one layer over ``x`` (see the module docstring)."""
-    return GOVERNOR.scope(x)
-
-
-def threads_taken() -> int:
-    """How many of the user's threads fastlm's CPU layers leave out now (0: none)."""
-    return GOVERNOR.reduced_by
-
-
 def governed(forward: Callable) -> Callable:
     """Decorate a layer's ``forward(self, x, ...)`` (``x`` the hidden states, positional or
-    as ``hidden_states=``) to run in :func:`scope` of ``x`` on CPU tensors in eager mode (a
-    traced forward, and every other device, call it directly: no context manager for
-    torch.compile to trace)."""
+    as ``hidden_states=``) to run in the process governor's scope of ``x`` on CPU tensors in
+    eager mode (a traced forward, and CUDA tensors, call it directly: no context manager
+    for torch.compile to trace, none on a GPU's hot path)."""
 
     @functools.wraps(forward)
     def run(self, *args, **kwargs):
