@@ -22,8 +22,8 @@ the time (0.58-0.77 measured, 2 threads).
 
 **The rule.** Each fastlm layer forward on CPU tensors runs in :meth:`Governor.scope`
 (through :func:`governed`). Layers of at least :data:`MIN_WALL_S` at the user's thread
-count ``n`` (``torch.get_num_threads()``, never exceeded) are summed into windows of :data:`WINDOW_S` of wall time (one odd layer does
-not decide). A window in which the process got less than ``n - SHARE`` cores' worth of CPU
+count ``n`` (``torch.get_num_threads()``, never exceeded) are summed into windows of
+:data:`WINDOW_S` of wall time (one odd layer does not decide). A window in which the process got less than ``n - SHARE`` cores' worth of CPU
 time (utilization 0.85 at 2 threads, between the quiet and the busy readings) is starved;
 :data:`STARVED_IN_A_ROW` starved windows in a row and the following layers run at
 ``n - k`` threads, ``k`` the cores' worth the window lost (at least 1). After
