@@ -23,20 +23,21 @@ the time (0.58-0.77 measured, 2 threads).
 **The rule.** Each fastlm layer forward on CPU tensors runs in :meth:`Governor.scope`
 (through :func:`governed`). Layers of at least :data:`MIN_WALL_S` at the user's thread
 count ``n`` (``torch.get_num_threads()``, never exceeded) are summed into windows of
-:data:`WINDOW_S` of wall time (one odd layer does not decide). A window in which the process got less than ``n - SHARE`` cores' worth of CPU
-time (utilization 0.85 at 2 threads, between the quiet and the busy readings) is starved;
-:data:`STARVED_IN_A_ROW` starved windows in a row and the following layers run at
-``n - k`` threads, ``k`` the cores' worth the window lost (at least 1). After
-:data:`PROBE_EVERY` such layers the next ones run at ``n`` again until a window is full
-(a probe): not starved, and the user's count is back. The setting is the process's (the
-neighbour is outside it) and the thread count is set for the layer only: each scope
-restores the caller's count when it ends, exception or not. Other Python threads that have
-run torch ops keep their own count (OpenMP's count is per thread); one that runs its first
-torch op while a layer is reduced starts from the reduced count, as from any count
-``torch.set_num_threads`` set last. Costs about 2 us a layer (two clock reads; a
-thread-count change is 0.4 us). Outputs agree to rounding at any count (MKL's fp32 GEMMs
-here split rows and columns, not the sums, and were bit-identical at 1 and 2 threads);
-``FASTLM_CPU_THREADS=off`` where bit-identical runs across machine loads matter.
+:data:`WINDOW_S` of wall time (one odd layer does not decide). A window in which the
+process got less than ``n - SHARE`` cores' worth of CPU time (utilization 0.85 at 2
+threads, between the quiet and the busy readings) is starved; :data:`STARVED_IN_A_ROW`
+starved windows in a row and the following layers run at ``n - k`` threads, ``k`` the
+cores' worth the window lost (at least 1). After :data:`PROBE_EVERY` such layers the next
+ones run at ``n`` again until a window is full (a probe): not starved, and the user's count
+is back. The setting is the process's (the neighbour is outside it) and the thread count is
+set for the layer only: each scope restores the caller's count when it ends, exception or
+not. Other Python threads that have run torch ops keep their own count (OpenMP's count is
+per thread); one that runs its first torch op while a layer is reduced starts from the
+reduced count, as from any count ``torch.set_num_threads`` set last. Costs about 2 us a
+layer (two clock reads; a thread-count change is 0.4 us). Outputs agree to rounding at any
+count (MKL's fp32 GEMMs here split rows and columns, not the sums, and were bit-identical
+at 1 and 2 threads); ``FASTLM_CPU_THREADS=off`` where bit-identical runs across machine
+loads matter.
 
 ``FASTLM_CPU_THREADS=off`` keeps the user's count always (benchmarks of the plain form);
 ``auto`` (the default) applies the rule. Nothing changes on other devices, under
