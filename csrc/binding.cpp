@@ -7,7 +7,8 @@
 // synchronisation, so every op can be captured in a CUDA graph. Outputs are allocated
 // contiguous; inputs are never copied except the (N,) LayerNorm/bias parameters when their
 // dtype is neither the activation dtype nor fp32.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
