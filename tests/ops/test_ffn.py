@@ -350,6 +350,67 @@ def test_gelu_ffn_zero_rows(backend, device):
         assert g.shape == t.shape and not g.any()
 
 
+def _aten_ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_torch_backend_overwrites_its_fresh_outputs_where_autograd_records_nothing(
+    mode, dtype, approximate
+):
+    """Without autograd the torch backend's GELU and residual add run in place on the GEMMs'
+    outputs (one activation fewer), with the very values of the out-of-place ops; the inputs
+    (x, the residual, the weights) are left as they were."""
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 7, 24, dtype=dtype), torch.randn(2, 7, 16, dtype=dtype)
+    w1, b1 = _weight(40, 24, dtype, "cpu"), torch.randn(40, dtype=dtype)
+    w2, b2 = _weight(16, 40, dtype, "cpu", transposed=True), torch.randn(16, dtype=dtype)
+    if mode == "frozen":  # grad mode on, nothing requires grad: autograd records nothing
+        context = torch.enable_grad()
+    else:
+        context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    kept = [t.clone() for t in (x, r, w1, b1, w2, b2)]
+    with context:
+        run = lambda: fastlm.gelu_ffn(x, w1, b1, w2, b2, approximate=approximate, residual=r,
+                                      backend="torch")  # fmt: skip
+        out = run()
+        ops = _aten_ops(run)
+        first = fastlm.linear_gelu(x, w1, b1, approximate=approximate, backend="torch")
+    # PyTorch's own out-of-place ops in the same dtype: equal bit for bit
+    h = F.gelu(F.linear(x, w1, b1), approximate=approximate)
+    expected = F.linear(h, w2, b2) + r
+    assert torch.equal(out, expected)
+    assert torch.equal(first, h)
+    assert {"aten::gelu_", "aten::add_"} <= ops and "aten::gelu" not in ops, sorted(ops)
+    for before, after in zip(kept, (x, r, w1, b1, w2, b2)):
+        assert torch.equal(before, after)
+
+
+def test_torch_backend_keeps_gelus_input_for_backward():
+    """With autograd recording, GELU runs out of place (its backward reads its input) and
+    every gradient matches PyTorch's own ops."""
+    torch.manual_seed(0)
+    x, w1, b1, w2, b2, r = _leaves(
+        *(torch.randn(s) for s in ((5, 8), (16, 8), (16,), (8, 16), (8,), (5, 8)))
+    )
+    ops = _aten_ops(lambda: fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend="torch"))
+    assert "aten::gelu" in ops and "aten::gelu_" not in ops, sorted(ops)
+    out = fastlm.gelu_ffn(x, w1, b1, w2, b2, residual=r, backend="torch")
+    ref_leaves = _leaves(x, w1, b1, w2, b2, r)
+    rx, rw1, rb1, rw2, rb2, rr = ref_leaves
+    expected = F.linear(F.gelu(F.linear(rx, rw1, rb1)), rw2, rb2) + rr
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, w1, b1, w2, b2, r], g)
+    expected_grads = torch.autograd.grad(expected, ref_leaves, g)
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ bad inputs
 
 
