@@ -1,10 +1,14 @@
-"""The GEMMs of a GPT-2 124M decode step on CPU: transformers' forms against
-``fastlm.ops.linear`` (``(W x^T + b)^T`` for 1..16 rows; why: fastlm/ops/linear.py), fp32.
+"""The GEMMs of a GPT-2 124M decode step (1-16 rows) and of a BERT-base-sized layer stack
+(32-128 rows) on CPU: transformers' forms against ``fastlm.ops.linear``, fp32, with each of
+its forms pinned (F.linear; ``(W x^T + b)^T`` for 1..16 rows; oneDNN's inner product) next
+to the form it settles on by its trial (why: fastlm/ops/linear.py).
 
 * ``lm_head``: the tied (50257, 768) weight; transformers ``F.linear(x, W)``;
 * ``blocks``: the 48 weights of the 12 blocks (c_attn, attn c_proj, c_fc, mlp c_proj) in
   turn, 340 MB, as one decode step reads them; transformers' Conv1D ``addmm(b, x, W)``
-  over (in, out) weights, fastlm's linear over the same weights stored (out, in).
+  over (in, out) weights, fastlm's linear over the same weights stored (out, in). Their
+  shapes are BERT-base's layers' too (QKV fused, output, FFN up and down), so the rows
+  past 16 stand for an encoder's batch of tokens.
 
 Every weight streams from memory, as in a real step. Timing: wall clock, median of
 ``--repeats`` after a warm-up, the two sides interleaved so a busy spell slows both alike.
@@ -22,7 +26,11 @@ import torch.nn.functional as F
 
 from benchmarks.harness import Results
 from fastlm.demo.timing import time_calls
+from fastlm.ops import linear as linear_module
 from fastlm.ops.linear import linear
+
+# fastlm.ops.linear's forms, each pinned as FASTLM_CPU_LINEAR would pin it.
+PINNED = ("linear", "streamed", "onednn")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,21 +54,35 @@ def main(argv: list[str] | None = None) -> int:
     def fastlm_blocks(xs):
         return [linear(xs[w.shape[1]], w, b) for w, b in zip(rowmajor, biases)]
 
+    def pinned(form, fn, *args):
+        def call():
+            linear_module.FORM = form
+            try:
+                return fn(*args)
+            finally:
+                linear_module.FORM = "measure"
+
+        return call
+
     with torch.inference_mode():
-        for rows in (1, 2, 4, 8, 16, 32):
+        for rows in (1, 2, 4, 8, 16, 32, 128):
             x = torch.randn(rows, e)
             xs = {e: x, 4 * e: torch.randn(rows, 4 * e)}
             cases = {
                 "lm_head": {
                     "transformers": lambda: F.linear(x, head),
                     "fastlm": lambda: linear(x, head),
+                    **{f"fastlm {f}": pinned(f, linear, x, head) for f in PINNED},
                 },
                 "blocks": {
                     "transformers": lambda: hf_blocks(xs),
                     "fastlm": lambda: fastlm_blocks(xs),
+                    **{f"fastlm {f}": pinned(f, fastlm_blocks, xs) for f in PINNED},
                 },
             }
             for gemm, fns in cases.items():
+                for _ in range(2 * (linear_module.TRIAL_RUNS + 1)):  # settle the trials
+                    fns["fastlm"]()
                 _, ms = time_calls(fns, 3 if args.quick else args.repeats, torch.device("cpu"))
                 for impl, t in ms.items():
                     res.add(gemm=gemm, rows=rows, impl=impl, ms=t,

@@ -1,17 +1,28 @@
-"""``linear(x, weight, bias)``: ``F.linear``, with two CPU products computed in the form
-this host's BLAS runs fastest, each chosen by measurement where it runs.
+"""``linear(x, weight, bias)``: ``F.linear``, with CPU products computed in the form this
+host runs fastest, chosen by measurement where it runs.
 
     y = x W^T + b        x (..., K) with R = prod(...) rows, W (N, K), b (N,) -> (..., N)
+
+**oneDNN's inner product where autograd records nothing ("onednn").** ``F.linear`` on CPU
+is an MKL GEMM (``addmm``). PyTorch also ships oneDNN, whose matmul kernels (the ones its
+compiler calls for a frozen model, ``mkldnn::_linear_pointwise``) read the plain weight and
+are often faster: on this project's 2-core AMD host (AVX2, MKL 2024.2) 1.2-1.5x at the
+32-256-row products of BERT-base and MiniLM layers, 1.5-2x at 1-16 rows, a tie (0.97-1.17x)
+at 4,096 rows (``benchmarks/bench_linear.py --onednn``). It has no backward, so it serves
+only products whose operands autograd does not record (inference, ``no_grad``, frozen
+weights and inputs), fp32 only (this build's oneDNN has no half-precision inner product
+without a half-precision unit).
 
 **Half-precision products in fp32 ("widened").** A bf16 or fp16 GEMM is fast on a CPU with
 a half-precision matrix unit (AMX, AVX512-BF16); without one the BLAS converts as it goes
 and runs far slower than fp32: on this project's 2-core AVX2 host a bf16 1024 x 384 by
 1536 x 384 product takes 139 ms against 25 ms in fp32, and the linears are 95% of a bf16
 MiniLM forward. The widened form converts the operands to fp32 (exact: every half value is
-an fp32 value), runs the fp32 GEMM and rounds the result once to the half dtype: the math
-of a native half GEMM, which also sums the exact products in fp32, with another blocking
-of the sum. Under ``torch.autocast`` the operands are first cast to the autocast dtype, as
-autocast casts F.linear's, so the rounding of the inputs is autocast's too.
+an fp32 value), runs the fp32 product (in its own measured form) and rounds the result
+once to the half dtype: the math of a native half GEMM, which also sums the exact products
+in fp32, with another blocking of the sum. Under ``torch.autocast`` the operands are first
+cast to the autocast dtype, as autocast casts F.linear's, so the rounding of the inputs is
+autocast's too.
 
 **Few-row products streamed over the weight ("streamed").** A decode step multiplies a few
 rows (R = batch size) by every weight of the model, and the weights of a whole model are
@@ -32,20 +43,31 @@ row (two rows take the GEMM kernel; one would take the GEMV again).
 
 **Chosen where they run.** Which form wins depends on the host's CPU and BLAS: the
 streamed form won 2-3x on one host and lost on another of the same machine kind (AMX,
-another BLAS path: 0.83x at 16-32 rows), and the widened form can only lose to a CPU with a
-half-precision unit. So the first product of each key (row class, weight shape, dtype,
-bias) times the candidate forms on the real weight (best of a few runs each, so a busy
-neighbour does not decide it) and remembers the winner for the process. The row class is
-the row count for 1-16 rows and :data:`PROBE_ROWS` (where it is timed) for more: above a
-few hundred rows a GEMM is compute-bound and the forms keep their ratio.
-``FASTLM_CPU_LINEAR=streamed|linear`` and ``FASTLM_CPU_HALF_LINEAR=widened|native`` pin a
-form (tests, benchmarks of one form); the default of both is ``measure``.
+another BLAS path: 0.83x at 16-32 rows), MKL's kernels are tuned for Intel's cores, and the
+widened form can only lose to a CPU with a half-precision unit. And it depends on where
+the weight is: timed again and again on one weight, the weight sits in cache and oneDNN
+(which reorders the weight as it reads it) won products it loses inside a model, where
+every other layer's weights pass between two reads of one weight (GPT-2 at 4 rows: the
+cached timing chose it over the streamed form and the generate ran 7% slower). So the
+forms of an fp32 product are tried on the key's first real products: each call of a key on
+trial runs the form tried least so far, timed, and once each form has :data:`TRIAL_RUNS`
+timed calls (after an untimed first) the key keeps the form with the best time per row for
+the process. A key is the row class (the row count for 1-16 rows, its power of two above),
+the weight's shape and orientation, the bias and the forms that may serve it; a model's
+layers share their keys, so a 12-layer model settles within its first forwards. While a
+key is on trial, two calls on the same input may differ in the last bits (the forms sum in
+other orders); ``FASTLM_CPU_LINEAR=linear`` gives F.linear's bits every time. The half
+form is chosen by timing both forms on random rows (:data:`PROBE_ROWS` for more than 16)
+against the real weight, best of a few runs, once per key: the two differ several-fold
+where they differ at all. ``FASTLM_CPU_LINEAR=linear|streamed|onednn`` and
+``FASTLM_CPU_HALF_LINEAR=widened|native`` pin a form where it may serve (tests, benchmarks
+of one form); the default of both is ``measure``.
 
-More rows keep ``F.linear`` in fp32 (a compute-bound GEMM it serves well); tiny weights
-stay in cache, where the extra copies cost more than they save; other devices, and
-torch.compile (which would guard on the row count), keep ``F.linear``. Each output is the
-same sum over K; only the BLAS's blocking differs, so results agree to the rounding of
-their dtype. Differentiable (the products are plain torch ops).
+Weights under :data:`MEASURED_WEIGHT` elements (a classifier's 2 x 768) cost nothing
+either way and keep ``F.linear``; so do other devices and torch.compile (which would guard
+on the row count, and runs its own GEMM choice). Each output is the same sum over K; only
+the blocking differs, so results agree to the rounding of their dtype. Differentiable
+where autograd records (the streamed and widened products are plain torch ops).
 """
 
 from __future__ import annotations
@@ -65,25 +87,38 @@ FEW_ROWS = range(1, 17)
 # it: a model's weights together outgrow the caches long before, and smaller ones are cheap
 # either way.
 STREAMED_WEIGHT = 1 << 19
-# Half-precision weights from this many elements may take the widened form (a 256 x 256
-# product and up: smaller ones, a classifier's 2 x 768, cost nothing either way and are not
-# worth a measurement).
-WIDENED_WEIGHT = 1 << 16
+# Weights from this many elements are worth a measurement (a 256 x 256 product and up:
+# smaller ones, a classifier's 2 x 768, cost nothing either way).
+MEASURED_WEIGHT = 1 << 16
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# More rows than FEW_ROWS are timed at this many (a compute-bound GEMM: the ratio holds).
+# The half form's probe times more rows than FEW_ROWS at this many (a compute-bound GEMM:
+# the ratio holds).
 PROBE_ROWS = 256
-# "measure" (default): each key's faster form on this host; otherwise pinned.
+# "measure" (default): each key's fastest form on this host; otherwise pinned.
 FORM = os.environ.get("FASTLM_CPU_LINEAR", "measure")
-_FORMS = ("measure", "streamed", "linear")
+_FORMS = ("measure", "linear", "streamed", "onednn")
 HALF_FORM = os.environ.get("FASTLM_CPU_HALF_LINEAR", "measure")
 _HALF_FORMS = ("measure", "widened", "native")
-# Timed runs of each form when measuring (after one warm-up); the best run counts.
+# Timed runs of each half form in the probe (after one warm-up); the best run counts.
 MEASURE_RUNS = 3
-_measured: dict[tuple, bool] = {}
+# key -> the name of the fastest form, for the process.
+_measured: dict[tuple, str] = {}
+# Timed calls of each form on a key's real products before the key settles (after an
+# untimed first), and the per-row times of the keys still on trial.
+TRIAL_RUNS = 5
+_trials: dict[tuple, dict[str, list[float]]] = {}
+# oneDNN's inner product, where this build of PyTorch has it (every x86 and aarch64 wheel).
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _streamed(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(W x^T + b)^T for ``flat`` (R, K) rows -> (R, N) contiguous."""
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b by oneDNN's inner product on the plain weight (no activation fused)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _streamed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(W x^T + b)^T for the R rows of ``x`` (..., K) -> (..., N) contiguous."""
+    flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
     if rows == 1:  # a second (zero) row keeps the BLAS on its GEMM kernel
         flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
@@ -92,14 +127,14 @@ def _streamed(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     )
     # F.linear's contiguous (R, N) layout for the ops downstream: a copy of R x N outputs,
     # small next to the pass over the N x K weight.
-    return yt.t()[:rows].contiguous()
+    return yt.t()[:rows].contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 def _widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The half-precision product as fp32 math on the exactly widened operands, rounded once
     to x's dtype."""
     b = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return _product(x.float(), weight.float(), b).to(x.dtype)
 
 
 def _best_ms(fn) -> float:
@@ -112,33 +147,93 @@ def _best_ms(fn) -> float:
     return best * 1e3
 
 
-def _first_wins(key: tuple, rows: int, weight: torch.Tensor, bias: torch.Tensor | None,
-                first: Callable, second: Callable) -> bool:  # fmt: skip
-    """Whether ``first(x, weight, bias)`` beats ``second`` on ``rows`` random rows against
-    the real weight: measured once per key and remembered for the process."""
-    won = _measured.get(key)
-    if won is None:
+def _fastest(key: tuple, rows: int, weight: torch.Tensor, bias: torch.Tensor | None,
+             forms: dict[str, Callable]) -> Callable:  # fmt: skip
+    """The fastest of ``forms`` (name -> form(x, weight, bias)) on ``rows`` random rows
+    against the real weight: measured once per key and remembered for the process."""
+    name = _measured.get(key)
+    if name is None:
         with torch.no_grad():
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            first_ms = _best_ms(lambda: first(x, weight, bias))
-            second_ms = _best_ms(lambda: second(x, weight, bias))
-        won = _measured[key] = first_ms < second_ms
-    return won
+            ms = {n: _best_ms(lambda form=form: form(x, weight, bias)) for n, form in forms.items()}
+        name = _measured[key] = min(ms, key=ms.get)
+    return forms[name]
 
 
 def _row_class(rows: int) -> int:
     return rows if rows in FEW_ROWS else PROBE_ROWS
 
 
-def streamed_wins(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the streamed form is the faster one for this product on this host (pinned by
-    FORM, else measured once per key and remembered)."""
+def _recorded(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these operands."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _forms(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           rows: int) -> dict[str, Callable]:  # fmt: skip
+    """The forms that may serve this product, F.linear first."""
+    forms: dict[str, Callable] = {"linear": F.linear}
+    if weight.numel() < MEASURED_WEIGHT or rows == 0:
+        return forms
+    if rows in FEW_ROWS and weight.numel() >= STREAMED_WEIGHT and weight.is_contiguous():
+        forms["streamed"] = _streamed
+    if (
+        ONEDNN
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and not _recorded(x, weight, bias)
+        # The layouts it reads right: a strided bias comes out wrong, a strided column-major
+        # weight raises, so those (rare) products keep the other forms.
+        and x.is_contiguous()
+        and (weight.is_contiguous() or weight.t().is_contiguous())
+        and (bias is None or bias.is_contiguous())
+    ):
+        forms["onednn"] = _onednn
+    return forms
+
+
+def _trial_class(rows: int) -> int:
+    """Row counts timed together in a trial: each few-row count alone, more rows by their
+    power of two (the times compared are per row)."""
+    return rows if rows in FEW_ROWS else 1 << (rows.bit_length() - 1)
+
+
+def _tried(key: tuple, forms: dict[str, Callable], x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None, rows: int) -> torch.Tensor:  # fmt: skip
+    """One real product of a key still on trial, in the form tried least so far, timed; once
+    every form has TRIAL_RUNS timed calls (after an untimed first: oneDNN builds its kernel
+    there) the key settles on the form with the best time per row."""
+    trial = _trials.setdefault(key, {name: [] for name in forms})
+    name = min(trial, key=lambda n: len(trial[n]))
+    start = time.perf_counter()
+    y = forms[name](x, weight, bias)
+    trial[name].append((time.perf_counter() - start) / rows)
+    if all(len(times) > TRIAL_RUNS for times in trial.values()):
+        _measured[key] = min(trial, key=lambda n: min(trial[n][1:]))
+        _trials.pop(key, None)
+    return y
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b in the fastest form that may serve it: pinned by FORM, else tried on the
+    key's first real products and settled (see _tried)."""
     if FORM not in _FORMS:
         raise ValueError(f"FASTLM_CPU_LINEAR must be one of {_FORMS}, got {FORM!r}")
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    forms = _forms(x, weight, bias, rows)
+    if len(forms) == 1 or FORM == "linear":
+        return F.linear(x, weight, bias)
     if FORM != "measure":
-        return FORM == "streamed"
-    key = ("streamed", rows, tuple(weight.shape), weight.dtype, bias is not None)
-    return _first_wins(key, rows, weight, bias, _streamed, F.linear)
+        return forms.get(FORM, F.linear)(x, weight, bias)
+    key = (
+        "product", _trial_class(rows), tuple(weight.shape), weight.is_contiguous(), weight.dtype,
+        bias is not None, tuple(forms),
+    )  # fmt: skip
+    name = _measured.get(key)
+    if name is None:
+        return _tried(key, forms, x, weight, bias, rows)
+    return forms[name](x, weight, bias)
 
 
 def widened_wins(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -150,7 +245,8 @@ def widened_wins(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return HALF_FORM == "widened"
     rows = _row_class(rows)
     key = ("widened", rows, tuple(weight.shape), weight.dtype, bias is not None)
-    return _first_wins(key, rows, weight, bias, _widened, F.linear)
+    forms = {"widened": _widened, "native": F.linear}
+    return _fastest(key, rows, weight, bias, forms) is _widened
 
 
 def _takes_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -159,14 +255,14 @@ def _takes_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x.dtype in HALF_DTYPES
         and weight.dtype == x.dtype  # mixed dtypes: F.linear's own error
         and (bias is None or bias.dtype == x.dtype)
-        and weight.numel() >= WIDENED_WEIGHT
+        and weight.numel() >= MEASURED_WEIGHT
         and rows > 0
         and widened_wins(rows, weight, bias)
     )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; CPU products in the measured faster form above."""
+    """``F.linear(x, weight, bias)``; CPU products in the measured fastest form above."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)  # traced: no branch on the (symbolic) row count
     amp = _autocast.dtype_for(x)
@@ -177,12 +273,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // k if k else 0
     if _takes_widened(x, weight, bias, rows):
         return _widened(x, weight, bias)
-    if (
-        rows in FEW_ROWS
-        and weight.numel() >= STREAMED_WEIGHT
-        and weight.is_contiguous()
-        and streamed_wins(rows, weight, bias)
-    ):
-        y = _streamed(x.reshape(rows, k), weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    return _product(x, weight, bias)

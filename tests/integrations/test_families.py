@@ -452,7 +452,7 @@ def test_linears_called_plainly_take_the_hosts_faster_form(family, monkeypatch):
     """Every nn.Linear of the optimized model (heads, poolers, MPNet's and GPT-BigCode's
     attention projections) is fastlm.nn.Linear: a bf16 model computes each product in the
     form fastlm.ops.linear picks (here pinned to the widened one) and matches stock bf16."""
-    monkeypatch.setattr(linear_module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(linear_module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(linear_module, "HALF_FORM", "widened")
     head = "ForCausalLM" if family == "gpt-bigcode" else "ForMaskedLM"
     ref, fast = _twins(_model(family, head).to(torch.bfloat16))

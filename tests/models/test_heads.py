@@ -247,8 +247,9 @@ def test_every_product_runs_through_the_linear_op(name, monkeypatch):
     """Each product of a fastlm.models model (fused q/k/v, attention output, FFN, pooler,
     heads) is computed by fastlm.ops.linear: pinned to its widened form, a bf16 forward on
     CPU hands the BLAS fp32 operands only, and matches transformers in bf16."""
-    monkeypatch.setattr(linear_module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(linear_module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(linear_module, "HALF_FORM", "widened")
+    monkeypatch.setattr(linear_module, "FORM", "linear")  # its fp32 product: F.linear, seen
     case = CASES[name]
     torch.manual_seed(0)
     hf, ours = _models(case, "torch", torch.bfloat16)

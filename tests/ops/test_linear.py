@@ -1,7 +1,11 @@
-"""fastlm.ops.linear: F.linear, with the few-row products of a CPU decode step computed as
-(W x^T + b)^T; the same result to fp32 rounding, with gradients, for every row count."""
+"""fastlm.ops.linear: F.linear, with each CPU product in the form this host runs fastest
+(F.linear, the streamed (W x^T + b)^T of few rows, oneDNN's inner product where autograd
+records nothing, half precision widened to fp32): the same result to the rounding of the
+dtype, with gradients, for every row count; the form chosen by timing real calls."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,38 +14,61 @@ import torch.nn.functional as F
 from fastlm.ops import linear as module
 from fastlm.ops.linear import FEW_ROWS, linear
 
+needs_onednn = pytest.mark.skipif(not module.ONEDNN, reason="this PyTorch build has no oneDNN")
+
 
 @pytest.fixture
-def streamed(monkeypatch):
-    """Small test weights take the streamed form too, whatever this host measures."""
+def small_weights(monkeypatch):
+    """The test's small weights are served by every form, as a model's large ones are."""
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
-    monkeypatch.setattr(module, "FORM", "streamed")
+    monkeypatch.setattr(module, "_measured", {})
+    monkeypatch.setattr(module, "_trials", {})
 
 
-def _calls(monkeypatch):
-    """Counts the torch.mm / torch.addmm calls the streamed form makes."""
-    seen = []
-    for name in ("mm", "addmm"):
-        real = getattr(torch, name)
-        monkeypatch.setattr(
-            module.torch, name, lambda *a, _r=real, _n=name, **k: seen.append(_n) or _r(*a, **k)
-        )
+def _spy(monkeypatch) -> list[str]:
+    """Records the name of each fp32 form that runs a product (the widened form's inner
+    product included)."""
+    seen: list[str] = []
+    for name, attr in (("streamed", "_streamed"), ("onednn", "_onednn")):
+        real = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
+    real_linear = module.F.linear
+    monkeypatch.setattr(
+        module.F, "linear", lambda *a, **k: seen.append("linear") or real_linear(*a, **k)
+    )
     return seen
 
 
-@pytest.mark.parametrize("lead", [(1,), (2,), (3, 1), (16,), (17,), (2, 9), (0,)])
+def _operands(lead, bias, dtype=torch.float32, grad=False):
+    x = torch.randn(*lead, 24, dtype=dtype, requires_grad=grad)
+    w = torch.randn(37, 24, dtype=dtype, requires_grad=grad)
+    b = torch.randn(37, dtype=dtype, requires_grad=grad) if bias else None
+    return x, w, b
+
+
+def _oracle(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+LEADS = [(1,), (2,), (3, 1), (16,), (17,), (2, 9), (3, 50), (0,)]
+
+
+@pytest.mark.parametrize("form", ["linear", "streamed"])
+@pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_linear_and_fp64_with_gradients(streamed, lead, bias):
-    torch.manual_seed(0)
-    x = torch.randn(*lead, 24, requires_grad=True)
-    w = torch.randn(37, 24, requires_grad=True)
-    b = torch.randn(37, requires_grad=True) if bias else None
+def test_differentiable_forms_match_linear_and_fp64_with_gradients(small_weights, monkeypatch,
+                                                                   form, lead, bias):  # fmt: skip
+    monkeypatch.setattr(module, "FORM", form)
+    seen = _spy(monkeypatch)
+    x, w, b = _operands(lead, bias, grad=True)
     got = linear(x, w, b)
+    served = seen[0] if seen else None
+    assert served == (form if form == "linear" or 0 < x.numel() // 24 <= 16 else "linear")
     assert got.shape == (*lead, 37) and got.is_contiguous()
     want = F.linear(x, w, b)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    oracle = F.linear(x.double(), w.double(), None if b is None else b.double())
-    torch.testing.assert_close(got.double(), oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.double(), _oracle(x, w, b), atol=1e-5, rtol=1e-5)
     if not got.numel():
         return
     g = torch.randn_like(got)
@@ -50,49 +77,132 @@ def test_matches_linear_and_fp64_with_gradients(streamed, lead, bias):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
-def test_few_rows_take_the_streamed_form(streamed, monkeypatch, rows):
-    seen = _calls(monkeypatch)
-    linear(torch.randn(rows, 8), torch.randn(5, 8), torch.randn(5))
-    linear(torch.randn(rows, 8), torch.randn(5, 8))
-    assert seen == ["addmm", "mm"]
+@needs_onednn
+@pytest.mark.parametrize("lead", LEADS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("weight_layout", ["row_major", "transposed"])
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad", "frozen"])
+def test_onednn_matches_linear_and_fp64(small_weights, monkeypatch, lead, bias, weight_layout,
+                                        context):  # fmt: skip
+    """Where autograd records nothing: under inference_mode or no_grad, or with no operand
+    requiring grad; for a row-major weight and for GPT-2 Conv1D's transposed view."""
+    monkeypatch.setattr(module, "FORM", "onednn")
+    seen = _spy(monkeypatch)
+    x, w, b = _operands(lead, bias, grad=context != "frozen")
+    if weight_layout == "transposed":
+        w = w.detach().t().contiguous().t().requires_grad_(context != "frozen")
+    guard = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(context)
+    with guard() if guard else torch.enable_grad():
+        got = linear(x, w, b)
+    assert seen == (["onednn"] if x.numel() else ["linear"])
+    assert got.shape == (*lead, 37) and got.is_contiguous() and not got.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.double(), _oracle(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_serves_only_what_autograd_does_not_record_and_reads_right(small_weights,
+                                                                         monkeypatch):  # fmt: skip
+    monkeypatch.setattr(module, "FORM", "onednn")
+    monkeypatch.setattr(module, "HALF_FORM", "native")
+    seen = _spy(monkeypatch)
+    x, w, b = _operands((5,), bias=True)
+    linear(x, w, b)  # nothing requires grad
+    linear(x, w.requires_grad_(), b)  # a trainable weight: recorded, F.linear
+    linear(x.half(), w.detach().half())  # a half product, kept native
+    w = w.detach()
+    strided = torch.randn(74)[::2]
+    got = linear(x, w, strided)  # a strided bias: oneDNN would read it wrong
+    torch.testing.assert_close(got, F.linear(x, w, strided))
+    linear(x, torch.randn(37, 50)[:, :24])  # rows strided: outside what the guard admits
+    linear(x, torch.randn(24, 50).t()[:37])  # columns strided: oneDNN raises
+    linear(torch.randn(24, 5).t(), w)  # non-contiguous rows
+    assert seen[0] == "onednn" and set(seen[1:]) == {"linear"}, seen
+
+
+@needs_onednn
+def test_a_trial_times_each_form_on_real_calls_and_keeps_the_fastest_per_row(small_weights,
+                                                                            monkeypatch):  # fmt: skip
+    """Round robin over the forms, each call timed; the first call of each form is not
+    counted; after TRIAL_RUNS timed calls of each the key keeps the least time per row.
+    Row counts of one power of two share a key (their times are compared per row)."""
+    monkeypatch.setattr(module, "FORM", "measure")
+    seen = _spy(monkeypatch)
+    # A clock each form advances by its cost per row. F.linear's first call is the fastest
+    # of all and must not count; the round robin hands F.linear the smaller row counts, so
+    # only times per row rank oneDNN (1.2 per row against 2.0) first.
+    cost = {"linear": 2.0, "onednn": 1.2}
+    clock = SimpleNamespace(now=0.0, rows=0, first=True)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    for name, real in (("linear", module.F.linear), ("onednn", module._onednn)):
+
+        def timed(*a, _r=real, _n=name, **k):
+            clock.now += 0.0 if clock.first else cost[_n] * clock.rows
+            clock.first = False
+            return _r(*a, **k)
+
+        monkeypatch.setattr(*((module.F, "linear") if name == "linear" else (module, "_onednn")),
+                            timed)  # fmt: skip
+    w, b = torch.randn(37, 24), torch.randn(37)
+    runs = module.TRIAL_RUNS + 1
+    with torch.inference_mode():
+        for i in range(2 * runs + 3):
+            clock.rows = (260, 500)[i % 2]  # one class: 256-511 rows
+            x = torch.randn(clock.rows, 24)
+            want = torch.addmm(b, x, w.t())  # not F.linear: seen lists the products only
+            torch.testing.assert_close(linear(x, w, b), want, atol=1e-5, rtol=1e-5)
+    assert seen[: 2 * runs] == ["linear", "onednn"] * runs
+    assert seen[2 * runs :] == ["onednn"] * 3
+    (key,) = module._measured
+    assert key[1] == 256 and module._measured[key] == "onednn" and not module._trials
+    assert module._trial_class(600) == 512 and module._trial_class(16) == 16
+
+
+@pytest.mark.parametrize("linear_ms, streamed_ms", [(1.0, 2.0), (2.0, 1.0)])
+def test_few_row_keys_settle_on_the_faster_of_linear_and_streamed(small_weights, monkeypatch,
+                                                                  linear_ms, streamed_ms):  # fmt: skip
+    """With autograd recording, oneDNN may not serve: the trial is between F.linear and the
+    streamed form, each few-row count a key of its own."""
+    monkeypatch.setattr(module, "FORM", "measure")
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    for attr, ms in (("_streamed", streamed_ms),):
+        real = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, _r=real, _ms=ms: setattr(
+            clock, "now", clock.now + _ms) or _r(*a))  # fmt: skip
+    real_linear = module.F.linear
+    monkeypatch.setattr(module.F, "linear", lambda *a, **k: setattr(
+        clock, "now", clock.now + linear_ms) or real_linear(*a, **k))  # fmt: skip
+    w = torch.randn(37, 24, requires_grad=True)
+    for rows in (2, 3):
+        for _ in range(2 * (module.TRIAL_RUNS + 1)):
+            linear(torch.randn(rows, 24), w).sum().backward()
+    want = "linear" if linear_ms < streamed_ms else "streamed"
+    assert sorted((k[1], v) for k, v in module._measured.items()) == [(2, want), (3, want)]
+    assert all(k[-1] == ("linear", "streamed") for k in module._measured)
 
 
 def test_what_keeps_f_linear(monkeypatch):
-    seen = _calls(monkeypatch)
+    monkeypatch.setattr(module, "FORM", "measure")
+    seen = _spy(monkeypatch)
     x = torch.randn(4, 8)
-    linear(x, torch.randn(5, 8))  # a small weight stays in cache: F.linear
-    monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
-    linear(torch.randn(17, 8), torch.randn(5, 8))  # many rows: a compute-bound GEMM
-    linear(x, torch.randn(8, 5).t())  # a column-major weight: not the row-major stream
-    assert seen == []
+    with torch.inference_mode():
+        linear(x, torch.randn(5, 8))  # a weight under MEASURED_WEIGHT: no trial
+        monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
+        monkeypatch.setattr(module, "FORM", "streamed")
+        linear(torch.randn(17, 8), torch.randn(5, 8))  # many rows: no streamed form
+        linear(x, torch.randn(8, 5).t())  # a column-major weight: not the row-major stream
+    assert seen == ["linear"] * 3
     assert 1 in FEW_ROWS and 16 in FEW_ROWS and 17 not in FEW_ROWS
 
 
-@pytest.mark.parametrize("streamed_ms, linear_ms, wins", [(1.0, 2.0, True), (2.0, 1.0, False)])
-def test_measured_form_is_the_faster_one_and_measured_once(monkeypatch, streamed_ms, linear_ms,
-                                                           wins):  # fmt: skip
-    monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
-    monkeypatch.setattr(module, "FORM", "measure")
-    monkeypatch.setattr(module, "_measured", {})
-    timings = iter([streamed_ms, linear_ms])
-    measured = []
-    monkeypatch.setattr(module, "_best_ms", lambda fn: measured.append(fn) or next(timings))
-    seen = _calls(monkeypatch)
-    w = torch.randn(5, 8)
-    for _ in range(3):
-        got = linear(torch.randn(2, 8), w)
-    assert len(measured) == 2  # both forms timed, once for this key
-    assert seen == (["mm"] * 3 if wins else [])
-    assert got.shape == (2, 5)
-
-
-def test_pinned_forms_and_a_wrong_setting(monkeypatch):
-    monkeypatch.setattr(module, "STREAMED_WEIGHT", 1)
-    seen = _calls(monkeypatch)
+def test_pinned_forms_and_a_wrong_setting(small_weights, monkeypatch):
+    seen = _spy(monkeypatch)
     monkeypatch.setattr(module, "FORM", "linear")
-    linear(torch.randn(2, 8), torch.randn(5, 8))
-    assert seen == []
+    with torch.inference_mode():
+        linear(torch.randn(2, 8), torch.randn(5, 8))
+    assert seen == ["linear"]
     monkeypatch.setattr(module, "FORM", "fastest")
     with pytest.raises(ValueError, match="FASTLM_CPU_LINEAR must be one of"):
         linear(torch.randn(2, 8), torch.randn(5, 8))
@@ -103,7 +213,8 @@ def test_gpt2_weights_are_past_the_streamed_bound():
     assert module.STREAMED_WEIGHT <= 768 * 768
 
 
-def test_compiled_calls_trace_f_linear(streamed):
+def test_compiled_calls_trace_f_linear(small_weights, monkeypatch):
+    monkeypatch.setattr(module, "FORM", "streamed")
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     compiled = torch.compile(linear, fullgraph=True, dynamic=True, backend="eager")
     torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b))
@@ -115,12 +226,15 @@ def test_compiled_calls_trace_f_linear(streamed):
 @pytest.fixture
 def widened(monkeypatch):
     """Small test weights take the widened form, whatever this host measures."""
-    monkeypatch.setattr(module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(module, "HALF_FORM", "widened")
 
 
 def _widened_calls(monkeypatch):
-    """Records the dtype of every product the widened form hands to F.linear."""
+    """Records the dtype of every product handed to F.linear, the widened form's fp32
+    product pinned to F.linear (test_widened_fp32_product_takes_onednn_where_it_may covers
+    the other forms)."""
+    monkeypatch.setattr(module, "FORM", "linear")
     seen = []
     real = module.F.linear
     monkeypatch.setattr(
@@ -180,8 +294,8 @@ def test_what_keeps_the_native_half_gemm(monkeypatch):
     seen = _widened_calls(monkeypatch)
     monkeypatch.setattr(module, "HALF_FORM", "widened")
     x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16)
-    linear(x, w)  # a weight below WIDENED_WEIGHT: not worth a measurement
-    monkeypatch.setattr(module, "WIDENED_WEIGHT", 1)
+    linear(x, w)  # a weight below MEASURED_WEIGHT: not worth a measurement
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     linear(x.float(), w.float())  # fp32 is what the widened form computes in already
     with pytest.raises(RuntimeError):  # mixed dtypes: F.linear's own error, not a silent cast
         linear(x, w.float())
@@ -192,7 +306,7 @@ def test_what_keeps_the_native_half_gemm(monkeypatch):
 
 @pytest.mark.parametrize("widened_ms, native_ms, wins", [(1.0, 2.0, True), (2.0, 1.0, False)])
 def test_half_form_is_measured_once_per_row_class(monkeypatch, widened_ms, native_ms, wins):
-    monkeypatch.setattr(module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(module, "HALF_FORM", "measure")
     monkeypatch.setattr(module, "_measured", {})
     measured = []
@@ -220,7 +334,7 @@ def test_half_form_is_measured_once_per_row_class(monkeypatch, widened_ms, nativ
 def test_under_autocast_it_is_autocasts_linear(monkeypatch, form, bias):
     """fp32 operands inside torch.autocast("cpu", bf16): autocast's output dtype, its
     inputs' rounding, and fp32 gradients for the fp32 leaves, as F.linear under autocast."""
-    monkeypatch.setattr(module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(module, "HALF_FORM", form)
     torch.manual_seed(0)
     x = torch.randn(2, 150, 24, requires_grad=True)
@@ -251,7 +365,27 @@ def test_under_autocast_it_is_autocasts_linear(monkeypatch, form, bias):
 
 
 def test_pinned_half_form_and_a_wrong_setting(monkeypatch):
-    monkeypatch.setattr(module, "WIDENED_WEIGHT", 1)
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
     monkeypatch.setattr(module, "HALF_FORM", "fastest")
     with pytest.raises(ValueError, match="FASTLM_CPU_HALF_LINEAR must be one of"):
         linear(torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_widened_fp32_product_takes_onednn_where_it_may(widened, monkeypatch, dtype):
+    """The widened form's fp32 product is an fp32 product like any other: oneDNN may serve
+    it where autograd records nothing, and the half result is the same to its rounding."""
+    monkeypatch.setattr(module, "FORM", "onednn")
+    seen = _spy(monkeypatch)
+    x, w, b = _operands((3, 50), bias=True, dtype=dtype, grad=True)
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    trained = linear(x, w, b)  # recorded: F.linear on the widened operands
+    assert seen == ["onednn", "linear"]
+    assert got.dtype == trained.dtype == dtype
+    with torch.no_grad():
+        want = F.linear(x, w, b)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        torch.testing.assert_close(got, trained, **TOL[dtype])
+        torch.testing.assert_close(got.double(), _oracle(x, w, b), **TOL[dtype])
