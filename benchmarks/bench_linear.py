@@ -54,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     def fastlm_blocks(xs):
         return [linear(xs[w.shape[1]], w, b) for w, b in zip(rowmajor, biases)]
 
+    def settled(gemm: str, rows: int) -> str:
+        """The form each of the gemm's weight shapes settled on at this row count."""
+        return " ".join(
+            f"{n}x{k}:{form}"
+            for (kind, cls, (n, k), *_), form in linear_module._measured.items()
+            if kind == "product"
+            and cls == linear_module._trial_class(rows)
+            and (n == vocab) == (gemm == "lm_head")
+        )
+
     def pinned(form, fn, *args):
         def call():
             linear_module.FORM = form
@@ -81,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
             for gemm, fns in cases.items():
-                for _ in range(2 * (linear_module.TRIAL_RUNS + 1)):  # settle the trials
+                for _ in range(len(PINNED) * (linear_module.TRIAL_RUNS + 1)):  # settle the trials
                     fns["fastlm"]()
                 _, ms = time_calls(fns, 3 if args.quick else args.repeats, torch.device("cpu"))
                 for impl, t in ms.items():
                     res.add(gemm=gemm, rows=rows, impl=impl, ms=t,
-                            speedup=ms["transformers"] / t)  # fmt: skip
-    res.save(table_cols=["gemm", "rows", "impl", "ms", "speedup"])
+                            speedup=ms["transformers"] / t,
+                            settled=settled(gemm, rows) if impl == "fastlm" else "")  # fmt: skip
+    res.save(table_cols=["gemm", "rows", "impl", "ms", "speedup", "settled"])
     return 0
 
 

@@ -51,8 +51,8 @@ every other layer's weights pass between two reads of one weight (GPT-2 at 4 row
 cached timing chose it over the streamed form and the generate ran 7% slower). So the
 forms of an fp32 product are tried on the key's first real products: each call of a key on
 trial runs the form tried least so far, timed, and once each form has :data:`TRIAL_RUNS`
-timed calls (after an untimed first) the key keeps the form with the best time per row for
-the process. A key is the row class (the row count for 1-16 rows, its power of two above),
+timed calls (after an untimed first) the key keeps the form with the least median time per
+row for the process. A key is the row class (the row count for 1-16 rows, its power of two above),
 the weight's shape and orientation, the bias and the forms that may serve it; a model's
 layers share their keys, so a 12-layer model settles within its first forwards. While a
 key is on trial, two calls on the same input may differ in the last bits (the forms sum in
@@ -73,6 +73,7 @@ where autograd records (the streamed and widened products are plain torch ops).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -105,7 +106,7 @@ MEASURE_RUNS = 3
 _measured: dict[tuple, str] = {}
 # Timed calls of each form on a key's real products before the key settles (after an
 # untimed first), and the per-row times of the keys still on trial.
-TRIAL_RUNS = 5
+TRIAL_RUNS = 8
 _trials: dict[tuple, dict[str, list[float]]] = {}
 # oneDNN's inner product, where this build of PyTorch has it (every x86 and aarch64 wheel).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -202,14 +203,15 @@ def _tried(key: tuple, forms: dict[str, Callable], x: torch.Tensor, weight: torc
            bias: torch.Tensor | None, rows: int) -> torch.Tensor:  # fmt: skip
     """One real product of a key still on trial, in the form tried least so far, timed; once
     every form has TRIAL_RUNS timed calls (after an untimed first: oneDNN builds its kernel
-    there) the key settles on the form with the best time per row."""
+    there) the key settles on the form with the least median time per row (a median of
+    a few runs: one slow run, a neighbour's burst, moves it less than it moves a mean)."""
     trial = _trials.setdefault(key, {name: [] for name in forms})
     name = min(trial, key=lambda n: len(trial[n]))
     start = time.perf_counter()
     y = forms[name](x, weight, bias)
     trial[name].append((time.perf_counter() - start) / rows)
     if all(len(times) > TRIAL_RUNS for times in trial.values()):
-        _measured[key] = min(trial, key=lambda n: min(trial[n][1:]))
+        _measured[key] = min(trial, key=lambda n: statistics.median(trial[n][1:]))
         _trials.pop(key, None)
     return y
 
