@@ -6,12 +6,14 @@ host runs fastest, chosen by measurement where it runs.
 **oneDNN's inner product where autograd records nothing ("onednn").** ``F.linear`` on CPU
 is an MKL GEMM (``addmm``). PyTorch also ships oneDNN, whose matmul kernels (the ones its
 compiler calls for a frozen model, ``mkldnn::_linear_pointwise``) read the plain weight and
-are often faster: on this project's 2-core AMD host (AVX2, MKL 2024.2) 1.2-1.5x at the
-32-256-row products of BERT-base and MiniLM layers, 1.5-2x at 1-16 rows, a tie (0.97-1.17x)
-at 4,096 rows (``benchmarks/bench_linear.py --onednn``). It has no backward, so it serves
-only products whose operands autograd does not record (inference, ``no_grad``, frozen
-weights and inputs), fp32 only (this build's oneDNN has no half-precision inner product
-without a half-precision unit).
+beat MKL's at some shapes of some hosts: on this project's 2-core AMD host (AVX2, MKL
+2024.2), with the weights streaming from memory as in a model, 1.2-1.6x as fast as
+``F.linear`` over BERT-base-sized layers at 1 and 32-128 rows and 1.5-2.3x over GPT-2's LM
+head, while the streamed form beats both at 2-16 rows (``benchmarks/bench_linear.py``); in
+a model, GPT-2 greedy generate at batch 1 1.7 s against 2.1-2.3 s with the other forms
+pinned, a BERT-base 1x128 forward 1.1-1.2x, MiniLM's layers a tie. It has no backward, so it serves only products whose operands autograd does
+not record (inference, ``no_grad``, frozen weights and inputs), fp32 only (this host's
+oneDNN has no half-precision inner product: without a half-precision unit it refuses one).
 
 **Half-precision products in fp32 ("widened").** A bf16 or fp16 GEMM is fast on a CPU with
 a half-precision matrix unit (AMX, AVX512-BF16); without one the BLAS converts as it goes
@@ -52,9 +54,9 @@ cached timing chose it over the streamed form and the generate ran 7% slower). S
 forms of an fp32 product are tried on the key's first real products: each call of a key on
 trial runs the form tried least so far, timed, and once each form has :data:`TRIAL_RUNS`
 timed calls (after an untimed first) the key keeps the form with the least median time per
-row for the process. A key is the row class (the row count for 1-16 rows, its power of two above),
-the weight's shape and orientation, the bias and the forms that may serve it; a model's
-layers share their keys, so a 12-layer model settles within its first forwards. While a
+row for the process. A key is the row class (the row count for 1-16 rows, its power of two
+above), the weight's shape and orientation, the bias and the forms that may serve it; a
+model's layers share their keys, so a model settles within its first few forwards. While a
 key is on trial, two calls on the same input may differ in the last bits (the forms sum in
 other orders); ``FASTLM_CPU_LINEAR=linear`` gives F.linear's bits every time. The half
 form is chosen by timing both forms on random rows (:data:`PROBE_ROWS` for more than 16)
@@ -108,7 +110,7 @@ _measured: dict[tuple, str] = {}
 # untimed first), and the per-row times of the keys still on trial.
 TRIAL_RUNS = 8
 _trials: dict[tuple, dict[str, list[float]]] = {}
-# oneDNN's inner product, where this build of PyTorch has it (every x86 and aarch64 wheel).
+# oneDNN's inner product, where this build of PyTorch has it (its x86 CPU wheels do).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

@@ -122,8 +122,9 @@ def test_onednn_serves_only_what_autograd_does_not_record_and_reads_right(small_
 
 
 @needs_onednn
-def test_a_trial_times_each_form_on_real_calls_and_keeps_the_fastest_per_row(small_weights,
-                                                                            monkeypatch):  # fmt: skip
+def test_a_trial_times_each_form_on_real_calls_and_keeps_the_fastest_per_row(
+    small_weights, monkeypatch
+):
     """Round robin over the forms, each call timed; the first call of each form is not
     counted; after TRIAL_RUNS timed calls of each the key keeps the least median time per
     row.
@@ -162,8 +163,9 @@ def test_a_trial_times_each_form_on_real_calls_and_keeps_the_fastest_per_row(sma
 
 
 @pytest.mark.parametrize("linear_ms, streamed_ms", [(1.0, 2.0), (2.0, 1.0)])
-def test_few_row_keys_settle_on_the_faster_of_linear_and_streamed(small_weights, monkeypatch,
-                                                                  linear_ms, streamed_ms):  # fmt: skip
+def test_few_row_keys_settle_on_the_faster_of_linear_and_streamed(
+    small_weights, monkeypatch, linear_ms, streamed_ms
+):
     """With autograd recording, oneDNN may not serve: the trial is between F.linear and the
     streamed form, each few-row count a key of its own."""
     monkeypatch.setattr(module, "FORM", "measure")
