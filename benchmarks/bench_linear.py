@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         """The form each of the gemm's weight shapes settled on at this row count."""
         return " ".join(
             f"{n}x{k}:{form}"
-            for (kind, cls, (n, k), *_), form in linear_module._measured.items()
-            if kind == "product"
+            for (cls, (n, k), *_), form in linear_module._measured.items()
+            if isinstance(cls, int)  # a product's key (the half form's start with "widened")
             and cls == linear_module._trial_class(rows)
             and (n == vocab) == (gemm == "lm_head")
         )

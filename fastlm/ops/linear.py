@@ -55,8 +55,9 @@ forms of an fp32 product are tried on the key's first real products: each call o
 trial runs the form tried least so far, timed, and once each form has :data:`TRIAL_RUNS`
 timed calls (after an untimed first) the key keeps the form with the least median time per
 row for the process. A key is the row class (the row count for 1-16 rows, its power of two
-above), the weight's shape and orientation, the bias and the forms that may serve it; a
-model's layers share their keys, so a model settles within its first few forwards. While a
+above), the weight's shape and strides, and what decides the forms that may serve (dtypes,
+layouts, whether autograd records); a model's layers share their keys, so a model settles
+within its first few forwards, and a settled key costs one dictionary lookup a call. While a
 key is on trial, two calls on the same input may differ in the last bits (the forms sum in
 other orders); ``FASTLM_CPU_LINEAR=linear`` gives F.linear's bits every time. The half
 form is chosen by timing both forms on random rows (:data:`PROBE_ROWS` for more than 16)
@@ -218,26 +219,37 @@ def _tried(key: tuple, forms: dict[str, Callable], x: torch.Tensor, weight: torc
     return y
 
 
+def _form(name: str) -> Callable:
+    """The form called ``name``, looked up when called (tests wrap the forms)."""
+    return {"linear": F.linear, "streamed": _streamed, "onednn": _onednn}[name]
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b in the fastest form that may serve it: pinned by FORM, else tried on the
     key's first real products and settled (see _tried)."""
-    if FORM not in _FORMS:
-        raise ValueError(f"FASTLM_CPU_LINEAR must be one of {_FORMS}, got {FORM!r}")
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    forms = _forms(x, weight, bias, rows)
-    if len(forms) == 1 or FORM == "linear":
-        return F.linear(x, weight, bias)
     if FORM != "measure":
-        return forms.get(FORM, F.linear)(x, weight, bias)
+        if FORM not in _FORMS:
+            raise ValueError(f"FASTLM_CPU_LINEAR must be one of {_FORMS}, got {FORM!r}")
+        return _forms(x, weight, bias, rows).get(FORM, F.linear)(x, weight, bias)
+    if rows == 0 or weight.numel() < MEASURED_WEIGHT:
+        return F.linear(x, weight, bias)
+    # Everything _forms reads, so a settled key costs one dict lookup a call (a decode step
+    # of a small model makes hundreds of these calls).
     key = (
-        "product", _trial_class(rows), tuple(weight.shape), weight.is_contiguous(), weight.dtype,
-        bias is not None, tuple(forms),
+        _trial_class(rows), weight.shape, weight.stride(), weight.dtype, x.dtype,
+        x.is_contiguous(), None if bias is None else (bias.dtype, bias.is_contiguous()),
+        _recorded(x, weight, bias),
     )  # fmt: skip
     name = _measured.get(key)
-    if name is None:
-        return _tried(key, forms, x, weight, bias, rows)
-    return forms[name](x, weight, bias)
+    if name is not None:
+        return _form(name)(x, weight, bias)
+    forms = _forms(x, weight, bias, rows)
+    if len(forms) == 1:
+        _measured[key] = "linear"
+        return F.linear(x, weight, bias)
+    return _tried(key, forms, x, weight, bias, rows)
 
 
 def widened_wins(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -158,8 +158,28 @@ def test_a_trial_times_each_form_on_real_calls_and_keeps_the_fastest_per_row(
     assert seen[: 2 * runs] == ["linear", "onednn"] * runs
     assert seen[2 * runs :] == ["onednn"] * 3
     (key,) = module._measured
-    assert key[1] == 256 and module._measured[key] == "onednn" and not module._trials
+    assert key[0] == 256 and module._measured[key] == "onednn" and not module._trials
     assert module._trial_class(600) == 512 and module._trial_class(16) == 16
+
+
+@needs_onednn
+def test_a_key_settled_without_autograd_never_serves_a_recorded_product(small_weights,
+                                                                       monkeypatch):  # fmt: skip
+    """Whether autograd records is part of the key: a shape settled on oneDNN under
+    inference_mode still takes a differentiable form when a trainable weight comes."""
+    monkeypatch.setattr(module, "FORM", "measure")
+    x, w = torch.randn(300, 24), torch.randn(37, 24)
+    with torch.inference_mode():
+        for _ in range(2 * (module.TRIAL_RUNS + 1)):
+            linear(x, w)
+    (key,) = module._measured
+    module._measured[key] = "onednn"  # as if oneDNN had won here
+    seen = _spy(monkeypatch)
+    trainable = w.clone().requires_grad_()
+    got = linear(x, trainable)
+    assert seen == ["linear"] and got.requires_grad
+    (grad,) = torch.autograd.grad(got.sum(), trainable)
+    torch.testing.assert_close(grad, x.sum(0).expand(37, 24))
 
 
 @pytest.mark.parametrize("linear_ms, streamed_ms", [(1.0, 2.0), (2.0, 1.0)])
@@ -183,8 +203,8 @@ def test_few_row_keys_settle_on_the_faster_of_linear_and_streamed(
         for _ in range(2 * (module.TRIAL_RUNS + 1)):
             linear(torch.randn(rows, 24), w).sum().backward()
     want = "linear" if linear_ms < streamed_ms else "streamed"
-    assert sorted((k[1], v) for k, v in module._measured.items()) == [(2, want), (3, want)]
-    assert all(k[-1] == ("linear", "streamed") for k in module._measured)
+    assert sorted((k[0], v) for k, v in module._measured.items()) == [(2, want), (3, want)]
+    assert all(k[-1] for k in module._measured)  # keys of recorded products: no oneDNN
 
 
 def test_what_keeps_f_linear(monkeypatch):
