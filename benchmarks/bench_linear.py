@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def pinned(form, fn, *args):
         def call():
-            linear_module.FORM = form
+            before, linear_module.FORM = linear_module.FORM, form
             try:
                 return fn(*args)
             finally:
-                linear_module.FORM = "measure"
+                linear_module.FORM = before
 
         return call
 
