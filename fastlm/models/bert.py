@@ -47,6 +47,7 @@ from fastlm.models.config import BertConfig, gelu_approximate
 from fastlm.models.outputs import BaseModelOutput
 from fastlm.nn import GeluFFN, LayerNorm, Linear, linear
 from fastlm.nn.attention_layouts import Packed, Padded
+from fastlm.ops.linear import widens_layer
 from fastlm.ops.padding import pad_input, unpad_input
 
 
@@ -196,6 +197,14 @@ class BertLayer(nn.Module):
 
     @governed
     def forward(self, x: torch.Tensor, layout: Packed | Padded, backend) -> torch.Tensor:
+        fc1 = self.intermediate.dense
+        if widens_layer(x, fc1.weight, fc1.bias):
+            # A half-precision layer whose products run in fp32 on this host: wholly in fp32,
+            # its output rounded once (see widens_layer).
+            return self._layer(x.float(), layout, backend).to(x.dtype)
+        return self._layer(x, layout, backend)
+
+    def _layer(self, x: torch.Tensor, layout: Packed | Padded, backend) -> torch.Tensor:
         x = self.attention(x, layout, backend)
         self.ffn.backend = backend
         out = self.output

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastlm.nn._projection import weight_and_bias
 from fastlm.ops.ffn import APPROXIMATIONS, gelu_ffn
+from fastlm.ops.linear import widened_operands
 
 
 class GeluFFN(nn.Module):
@@ -54,6 +55,8 @@ class GeluFFN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         w1, b1 = weight_and_bias(self.fc1, "GeluFFN", "fc1")
         w2, b2 = weight_and_bias(self.fc2, "GeluFFN", "fc2")
+        # A half-precision FFN given fp32 x (a layer computed in fp32 on CPU): in fp32.
+        w1, b1, w2, b2 = widened_operands(x, w1, b1, w2, b2)
         return gelu_ffn(
             x, w1, b1, w2, b2, approximate=self.approximate, residual=residual, backend=self.backend
         )

@@ -475,6 +475,57 @@ def test_linears_called_plainly_take_the_hosts_faster_form(family, monkeypatch):
     torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=0.1, rtol=0.05)
 
 
+def _parity_error(got, want, ref) -> tuple[float, float]:
+    """(ours, stock's) largest error against the fp32 reference ``ref``."""
+    return (got.float() - ref).abs().max().item(), (want.float() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("family", [f for f in ENCODERS if f != "mpnet"])
+@pytest.mark.parametrize("form", ["widened", "native"])
+@pytest.mark.parametrize("lengths", [(9, 5, 2), (9, 9, 9)], ids=["packed", "padded"])
+def test_half_layers_run_in_fp32_where_their_products_do(family, form, lengths, monkeypatch):
+    """A bf16 model whose products take the widened form runs each fused layer wholly in
+    fp32 (attention and both LayerNorms see fp32, the layer hands on bf16 as stock's does);
+    with the native form pinned the layer stays in bf16. Either way outputs and gradients
+    keep the parity rule against the fp32 model: at most 2x stock bf16's error, plus one
+    bf16 rounding step."""
+    monkeypatch.setattr(linear_module, "MEASURED_WEIGHT", 1)
+    monkeypatch.setattr(linear_module, "HALF_FORM", form)
+    fp32 = _model(family, "Model")
+    ref, fast = _twins(copy.deepcopy(fp32).to(torch.bfloat16))
+    seen = {"attention": set(), "norm": set(), "layer": set()}
+    for layer in fast.modules():
+        parts = layer.__dict__.get("_fastlm_parts")
+        if parts is None or parts.attention is None:
+            continue
+        parts.attention.register_forward_pre_hook(lambda m, a: seen["attention"].add(a[0].dtype))
+        for norm in (parts.attention_norm, parts.ffn_norm):
+            norm.register_forward_pre_hook(lambda m, a: seen["norm"].add(a[0].dtype))
+        layer.register_forward_hook(lambda m, a, out: seen["layer"].add(_first_tensor(out).dtype))
+    ids, mask = _batch(family, lengths)
+    valid = mask.bool()
+    results = []
+    for model in (fp32, ref, fast):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
+        out.float().square().sum().backward()
+        results.append((out.detach(), param_grads(model)))
+    inner = torch.float32 if form == "widened" else torch.bfloat16
+    assert seen == {"attention": {inner}, "norm": {inner}, "layer": {torch.bfloat16}}
+    (want32, grads32), (want, want_grads), (got, got_grads) = results
+    assert got.dtype == torch.bfloat16
+    step = torch.finfo(torch.bfloat16).eps
+    ours, stock = _parity_error(got, want, want32)
+    assert ours <= 2 * stock + step * want32.abs().max().item()
+    for name, exact in grads32.items():
+        ours, stock = _parity_error(got_grads[name], want_grads[name], exact)
+        assert ours <= 2 * stock + step * exact.abs().max().item(), name
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
 def test_linears_outside_the_transformers_model_are_left():
     model = _model("roberta", "Model")
     outer = nn.Linear(4, 4)

@@ -67,6 +67,34 @@ def test_minilm_triton_backend_matches_transformers():
     _check_minilm("triton", torch.float32, 2 if not torch.cuda.is_available() else None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("form", ["widened", "native"])
+def test_minilm_half_layers_run_in_fp32_where_their_products_do(dtype, form, monkeypatch):
+    """With the widened form (measured or pinned) each layer of a half-precision model runs
+    wholly in fp32 (its LayerNorms see fp32) and hands on its own dtype; with the native form
+    it stays in that dtype. Either way: the model parity rule against fp64."""
+    from fastlm.ops import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "HALF_FORM", form)
+    path = minilm_dir()
+    ids, mask, tt = _minilm_inputs(path)
+    ours = fm.BertModel.from_pretrained(path, backend="torch", dtype=dtype)
+    ours.encoder.layer = ours.encoder.layer[:2]
+    seen = {"norm": set(), "layer": set()}
+    for layer in ours.encoder.layer:
+        for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+            norm.register_forward_pre_hook(lambda m, a: seen["norm"].add(a[0].dtype))
+        layer.register_forward_hook(lambda m, a, out: seen["layer"].add(out.dtype))
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        oracle = _hf_bert(path, torch.float64, 2)(ids, attention_mask=mask, token_type_ids=tt)
+        base = _hf_bert(path, dtype, 2)(ids, attention_mask=mask, token_type_ids=tt)
+    inner = torch.float32 if form == "widened" else dtype
+    assert seen == {"norm": {inner}, "layer": {dtype}} and got.dtype == dtype
+    assert_model_parity(got, oracle.last_hidden_state, base.last_hidden_state,
+                        f"MiniLM {dtype} {form}", valid=mask.bool())  # fmt: skip
+
+
 def _hf_and_ours(hf_cls, ours_cls, backend, **cfg):
     hf = hf_cls(tiny_bert_config(**cfg)).eval()
     ours = ours_cls.from_hf(hf, backend=backend)

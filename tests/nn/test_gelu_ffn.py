@@ -3,6 +3,8 @@ BERT (intermediate + output.dense) and GPT-2 (MLP with Conv1D weights) sublayers
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,26 @@ def test_hf_gpt2_mlp_conv1d(backend):
     for g, e in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(expected, params, dy)):
         assert g.shape == e.shape
         _assert_fp32_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_half_ffn_given_fp32_input_computes_in_fp32(dtype, residual):
+    """A half-precision GeluFFN inside a layer computed in fp32 (fastlm.ops.linear's
+    widens_layer, on CPU) takes an fp32 x: the fp32 FFN over its exactly widened weights,
+    the same bits, with each gradient in its parameter's own dtype."""
+    torch.manual_seed(0)
+    half = GeluFFN(24, 40).to(dtype)
+    wide = copy.deepcopy(half).float()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    r = torch.randn(3, 5, 24) if residual else None
+    got = half(x, residual=r)
+    want = wide(x, residual=r)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    g = torch.randn_like(got)
+    (gx,) = torch.autograd.grad(got, x, g, retain_graph=True)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(gx, torch.autograd.grad(wide(x, residual=r), x, g)[0])
+    for p, q in zip(half.parameters(), wide.parameters()):
+        assert p.grad.dtype == dtype and torch.equal(p.grad, q.grad.to(dtype))

@@ -413,3 +413,65 @@ def test_widened_fp32_product_takes_onednn_where_it_may(widened, monkeypatch, dt
         torch.testing.assert_close(got, want, **TOL[dtype])
         torch.testing.assert_close(got, trained, **TOL[dtype])
         torch.testing.assert_close(got.double(), _oracle(x, w, b), **TOL[dtype])
+
+
+# ------------------------------------------------- half-precision layers computed in fp32
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lead", [(1,), (3, 1), (17,), (2, 150), (0,)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_an_fp32_input_widens_half_weights_exactly_with_gradients(monkeypatch, dtype, lead, bias):
+    """A layer computed in fp32 hands its products an fp32 x and its own half weights: the
+    product is the fp32 one on the exactly widened weights (the same bits, F.linear's form
+    pinned), in fp32, and the gradients reach the half parameters in their own dtype."""
+    monkeypatch.setattr(module, "FORM", "linear")
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 24, requires_grad=True)
+    w = torch.randn(37, 24, dtype=dtype, requires_grad=True)
+    b = torch.randn(37, dtype=dtype, requires_grad=True) if bias else None
+    got = linear(x, w, b)
+    wide = [t.detach().float().requires_grad_() for t in ((w,) if b is None else (w, b))]
+    want = F.linear(x, *wide)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    if not got.numel():
+        return
+    g = torch.randn_like(got)
+    inputs = (x, w) if b is None else (x, w, b)
+    ours = torch.autograd.grad(got, inputs, g)
+    ref = torch.autograd.grad(want, (x, *wide), g)
+    assert [t.dtype for t in ours] == [torch.float32] + [dtype] * len(wide)
+    for o, r in zip(ours, ref):
+        assert torch.equal(o, r.to(o.dtype))  # one rounding of the fp32 gradient
+
+
+def test_which_layers_run_in_fp32(monkeypatch):
+    """widens_layer: a half layer on CPU whose largest product takes the widened form, and
+    nothing else (an fp32 layer, the native form pinned or measured faster, autocast, a
+    weight too small to measure, no rows, mixed dtypes)."""
+    from fastlm.ops.linear import widens_layer
+
+    bf16 = torch.bfloat16
+    x, w, b = (
+        torch.randn(3, 8, dtype=bf16),
+        torch.randn(5, 8, dtype=bf16),
+        torch.randn(5, dtype=bf16),
+    )
+    monkeypatch.setattr(module, "HALF_FORM", "widened")
+    assert not widens_layer(x, w, b)  # a 5 x 8 weight: below MEASURED_WEIGHT
+    monkeypatch.setattr(module, "MEASURED_WEIGHT", 1)
+    assert widens_layer(x, w, b) and widens_layer(x, w)
+    assert not widens_layer(x.float(), w.float(), b.float())
+    assert not widens_layer(x[:0], w, b)
+    assert not widens_layer(x, w.half(), b.half())
+    with torch.autocast("cpu", dtype=bf16):
+        assert not widens_layer(x, w, b)
+    monkeypatch.setattr(module, "HALF_FORM", "native")
+    assert not widens_layer(x, w, b)
+    monkeypatch.setattr(module, "HALF_FORM", "measure")
+    monkeypatch.setattr(module, "_measured", {})
+    for widened_ms, native_ms in ((1.0, 2.0), (2.0, 1.0)):
+        module._measured.clear()
+        times = iter([widened_ms, native_ms])
+        monkeypatch.setattr(module, "_best_ms", lambda fn, times=times: next(times))
+        assert widens_layer(x, w, b) == (widened_ms < native_ms)

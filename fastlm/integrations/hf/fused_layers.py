@@ -49,6 +49,8 @@ from fastlm.integrations.hf.log import log_once
 from fastlm.models._base import reads_are_free
 from fastlm.models.bert import skips_padding
 from fastlm.nn import GeluFFN, SelfAttention
+from fastlm.nn._projection import weight_and_bias
+from fastlm.ops.linear import widens_layer
 from fastlm.ops.padding import pad_input, unpad_input
 
 PARTS = "_fastlm_parts"
@@ -115,18 +117,25 @@ class _PostNormEncoder(_FastLayer):
 
     def _fused_layer(self, hidden_states, mask):
         """The whole layer over a padded batch and its (B, S) key padding mask (or None),
-        on the valid tokens only when that pays (``skips_padding``)."""
+        on the valid tokens only when that pays (``skips_padding``); a half-precision
+        layer whose products run in fp32 on this host runs wholly in fp32, its output rounded
+        once (``widens_layer``)."""
+        parts = self.__dict__[PARTS]
+        dtype = hidden_states.dtype
+        in_fp32 = widens_layer(hidden_states, *weight_and_bias(parts.ffn.fc1, "GeluFFN", "fc1"))
         if (
-            self.__dict__[PARTS].skip_padding
+            parts.skip_padding
             and isinstance(mask, torch.Tensor)
             and mask.dim() == 2
             and skips_padding(mask)
         ):
             batch, seq = mask.shape
             tokens, where, cu_seqlens, max_seqlen = unpad_input(hidden_states, mask)
+            tokens = tokens.float() if in_fp32 else tokens
             x = self._fused_self_attention(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            return pad_input(self._fused_ffn(x), where, batch, seq)
-        return self._fused_ffn(self._fused_self_attention(hidden_states, mask))
+            return pad_input(self._fused_ffn(x).to(dtype), where, batch, seq)
+        x = hidden_states.float() if in_fp32 else hidden_states
+        return self._fused_ffn(self._fused_self_attention(x, mask)).to(dtype)
 
     def _fused_self_attention(self, x, key_padding_mask=None, **packed):
         """LN(x + dropout(attention(x))) over a padded (B, S, H) batch with its key padding
