@@ -210,16 +210,24 @@ class _MPNetCall(_PostNormEncoder):
     @governed
     def forward(self, hidden_states, attention_mask=None, position_bias=None,
                 output_attentions=False, **kwargs):  # fmt: skip
-        outputs = self.attention(
-            hidden_states, attention_mask, position_bias=position_bias,
-            output_attentions=output_attentions,
-        )  # fmt: skip
-        x = outputs[0]
+        parts = self.__dict__[PARTS]
         # the probabilities of padded queries in the next layer read this layer's padded rows
         returns_probs = output_attentions or attentions_requested()
-        packs = self.__dict__[PARTS].skip_padding and not returns_probs
-        valid = _valid_tokens(attention_mask) if packs else None
-        return (on_valid_rows(self._fused_ffn, x, valid), *outputs[1:])
+        dtype = hidden_states.dtype
+        # A half layer whose products run in fp32 runs wholly in fp32 (widens_layer):
+        # transformers' attention too (its projections are fastlm.nn.Linear, which widen
+        # their half weights for an fp32 input), unless it returns its probabilities,
+        # which stay in the model's dtype as stock's.
+        in_fp32 = not returns_probs and widens_layer(
+            hidden_states, *weight_and_bias(parts.ffn.fc1, "GeluFFN", "fc1")
+        )
+        outputs = self.attention(
+            hidden_states.float() if in_fp32 else hidden_states, attention_mask,
+            position_bias=position_bias, output_attentions=output_attentions,
+        )  # fmt: skip
+        x = outputs[0]
+        valid = _valid_tokens(attention_mask) if parts.skip_padding and not returns_probs else None
+        return (on_valid_rows(self._fused_ffn, x, valid).to(dtype), *outputs[1:])
 
 
 def _valid_tokens(mask) -> torch.Tensor | None:
