@@ -11,6 +11,10 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The types the ops' fast checks (``_plainly_valid``) take as plain tensors: a Parameter (a
+# module's weight) is a Tensor that dispatches as one; any other subclass (DTensor, fake
+# or wrapper tensors) gets every check.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fastlm.ops.attention import call as attention_call
 from fastlm.ops.attention_kvcache import call as kvcache_call
+from fastlm.ops.ffn import call as ffn_call
 from fastlm.ops.layer_norm import call as layer_norm_call
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]
@@ -19,9 +20,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 
 @st.composite
 def _tensor_or_junk(draw, n):
-    kind = draw(st.sampled_from(["none", "ok", "shape", "dtype", "strided", "device", "junk"]))
+    kind = draw(
+        st.sampled_from(["none", "ok", "param", "shape", "dtype", "strided", "device", "junk"])
+    )
     if kind == "none":
         return None
+    if kind == "param":  # a module's weight
+        return torch.nn.Parameter(torch.zeros(n))
     if kind == "junk":
         return draw(st.sampled_from([1.0, [1.0] * n, "x"]))
     size = n if kind != "shape" else n + draw(st.integers(1, 3))
@@ -60,6 +65,65 @@ def test_layer_norm_fast_check_accepts_the_usual_call():
     x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
     assert layer_norm_call._plainly_valid(x, w, b, 1e-5, None) == 8
     assert layer_norm_call._plainly_valid(x, w, b, 1e-12, torch.randn(4, 8)) == 8
+    module = torch.nn.LayerNorm(8)  # a model's call: the weights are Parameters
+    assert layer_norm_call._plainly_valid(x, module.weight, module.bias, 1e-5, x) == 8
+
+
+@st.composite
+def _weight_or_junk(draw, shape):
+    """A (N, K) weight or an (N,) bias for an FFN layer, or something less than plain."""
+    # mostly plain, so that calls with one flaw among good operands are common
+    kind = draw(
+        st.sampled_from(["ok"] * 8 + ["param"] * 4 + ["shape", "rank", "dtype", "strided",
+                                                     "device", "junk", "none"])
+    )  # fmt: skip
+    if kind == "none":
+        return None
+    if kind == "junk":
+        return draw(st.sampled_from([1.0, "w", [0.0]]))
+    dtype = draw(st.sampled_from(DTYPES)) if kind == "dtype" else torch.float32
+    if kind == "shape":  # one dimension off
+        i = draw(st.integers(0, len(shape) - 1))
+        shape = (*shape[:i], shape[i] + draw(st.integers(1, 2)), *shape[i + 1 :])
+    if kind == "rank":
+        shape = (*shape, 1)
+    if kind == "strided":  # weights may be strided (a transposed view), biases not
+        return torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)[..., ::2]
+    t = torch.zeros(shape, dtype=dtype, device="meta" if kind == "device" else "cpu")
+    return torch.nn.Parameter(t) if kind == "param" and dtype.is_floating_point else t
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_ffn_fast_check_implies_full_check(data):
+    k, n, h = (data.draw(st.integers(1, 4)) for _ in range(3))
+    rows = data.draw(st.integers(1, 3))
+    x_dtype = data.draw(st.sampled_from([torch.float32] * 4 + DTYPES))
+    x = torch.zeros(rows, k, dtype=x_dtype)
+    if data.draw(st.integers(0, 4)) == 0:
+        x = torch.zeros(k, rows, dtype=x_dtype).t()  # a strided last dim
+    op = data.draw(st.sampled_from([ffn_call.OP_GELU_FFN, ffn_call.OP_LINEAR_GELU]))
+    w1, b1 = data.draw(_weight_or_junk((n, k))), data.draw(_weight_or_junk((n,)))
+    w2, b2 = data.draw(_weight_or_junk((h, n))), data.draw(_weight_or_junk((h,)))
+    residual = data.draw(_weight_or_junk((rows, h)))
+    approximate = data.draw(st.sampled_from(["none", "tanh"] * 3 + ["erf", None, 0]))
+    if op == ffn_call.OP_LINEAR_GELU:
+        w2 = b2 = residual = None
+    if (op == ffn_call.OP_LINEAR_GELU or w2 is not None) and ffn_call._plainly_valid(
+        x, w1, b1, w2, b2, residual, approximate
+    ):
+        ffn_call._validate(op, x, w1, b1, w2, b2, residual, approximate)  # must not raise
+
+
+def test_ffn_fast_check_accepts_a_layers_call_and_refuses_a_missing_second_layer():
+    fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    x = torch.randn(2, 5, 8)
+    for w1 in (fc1.weight, fc1.weight.detach()):
+        assert ffn_call._plainly_valid(x, w1, fc1.bias, fc2.weight, fc2.bias, x, "none")
+        assert ffn_call._plainly_valid(x, w1, fc1.bias, None, None, None, "tanh")
+    assert ffn_call._plainly_valid(x, fc1.weight, None, fc2.weight.t().t(), None, None, "none")
+    with pytest.raises(TypeError, match=r"w2 must be a torch\.Tensor"):
+        ffn_call.FFNCall.checked(ffn_call.OP_GELU_FFN, x, fc1.weight, fc1.bias, approximate="none")
 
 
 @st.composite

@@ -75,43 +75,101 @@ class FFNCall:
     ) -> FFNCall:
         """Validate the public arguments of ``op`` (linear_gelu: x, weight, bias; gelu_ffn:
         all) and build the record. Raises TypeError/ValueError naming the op, what was
-        expected and what was given."""
-        w_name, b_name = _FIRST_LAYER_NAMES[op]
-        C.check_tensor(op, "x", x)
-        C.check_float(op, "x", x)
-        if x.dim() < 1:
-            raise ValueError(
-                f"fastlm.{op}: x must have at least 1 dimension (..., in_features), got a 0-d tensor"
-            )
-        C.check_last_dim_contiguous(op, "x", x)
-        if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
-            raise ValueError(
-                f"fastlm.{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}"
-            )
-        inter = _check_linear(op, "x", x.shape[-1], w_name, w1, b_name, b1)
-        operands = {w_name: w1, b_name: b1}
+        expected and what was given. The usual, valid call is recognised in a few attribute
+        reads (_plainly_valid); anything else gets every check."""
         if op == OP_LINEAR_GELU:
             w2 = b2 = residual = None  # no second layer: the record says linear_gelu
-        else:
-            out_features = _check_linear(
-                op, "the intermediate activation", inter, "w2", w2, "b2", b2
-            )
-            if residual is not None:
-                out_shape = (*x.shape[:-1], out_features)
-                C.check_tensor(op, "residual", residual)
-                if tuple(residual.shape) != out_shape:
-                    raise ValueError(
-                        f"fastlm.{op}: residual must have the output's shape {out_shape}, "
-                        f"got {tuple(residual.shape)}"
-                    )
-                C.check_last_dim_contiguous(op, "residual", residual)
-            operands.update(w2=w2, b2=b2, residual=residual)
-        for name, t in operands.items():
-            if t is not None:
-                C.check_float(op, name, t)
-        C.check_same_dtype(op, "x", x, **operands)
-        C.check_same_device(op, "x", x, **operands)
+        # (gelu_ffn without its second layer takes the full checks, which say so)
+        plain = op == OP_LINEAR_GELU or w2 is not None
+        if not (plain and _plainly_valid(x, w1, b1, w2, b2, residual, approximate)):
+            _validate(op, x, w1, b1, w2, b2, residual, approximate)
         return cls(x, w1, b1, w2, b2, residual, approximate)
+
+
+def _validate(op: str, x, w1, b1, w2, b2, residual, approximate) -> None:
+    """Every check of ``op``'s arguments (w2, b2, residual None for linear_gelu)."""
+    w_name, b_name = _FIRST_LAYER_NAMES[op]
+    C.check_tensor(op, "x", x)
+    C.check_float(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(
+            f"fastlm.{op}: x must have at least 1 dimension (..., in_features), got a 0-d tensor"
+        )
+    C.check_last_dim_contiguous(op, "x", x)
+    if not isinstance(approximate, str) or approximate not in APPROXIMATIONS:
+        raise ValueError(
+            f"fastlm.{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}"
+        )
+    inter = _check_linear(op, "x", x.shape[-1], w_name, w1, b_name, b1)
+    operands = {w_name: w1, b_name: b1}
+    if op != OP_LINEAR_GELU:
+        out_features = _check_linear(op, "the intermediate activation", inter, "w2", w2, "b2", b2)
+        if residual is not None:
+            out_shape = (*x.shape[:-1], out_features)
+            C.check_tensor(op, "residual", residual)
+            if tuple(residual.shape) != out_shape:
+                raise ValueError(
+                    f"fastlm.{op}: residual must have the output's shape {out_shape}, "
+                    f"got {tuple(residual.shape)}"
+                )
+            C.check_last_dim_contiguous(op, "residual", residual)
+        operands.update(w2=w2, b2=b2, residual=residual)
+    for name, t in operands.items():
+        if t is not None:
+            C.check_float(op, name, t)
+    C.check_same_dtype(op, "x", x, **operands)
+    C.check_same_device(op, "x", x, **operands)
+
+
+_FLOAT = frozenset(C.FLOAT_DTYPES)
+_PLAIN = C.PLAIN_TENSORS
+
+
+def _plainly_valid(x, w1, b1, w2, b2, residual, approximate) -> bool:
+    """A cheap sufficient condition for the full checks of gelu_ffn to pass (linear_gelu's
+    when ``w2`` is None): plain tensors of x's float
+    dtype on x's device, x and the biases and residual contiguous, the shapes of a K -> N
+    (-> H) FFN, a known ``approximate``. The hot path of every model layer; False only
+    means "check everything", never "invalid"."""
+    if (
+        type(x) not in _PLAIN or x.dtype not in _FLOAT or not x.is_contiguous() or not x.dim()
+        or type(approximate) is not str or approximate not in APPROXIMATIONS
+    ):  # fmt: skip
+        return False
+    width = _plain_layer(x, x.shape[-1], w1, b1)
+    if not width:
+        return False
+    if w2 is None:  # linear_gelu (its record has no b2 or residual)
+        return True
+    width = _plain_layer(x, width, w2, b2)
+    if not width:
+        return False
+    return residual is None or (
+        type(residual) in _PLAIN and residual.dtype == x.dtype and residual.is_contiguous()
+        and residual.shape == (*x.shape[:-1], width) and _beside(x, residual)
+    )  # fmt: skip
+
+
+def _plain_layer(x, in_features: int, w, b) -> int:
+    """out_features of a plainly valid (w, b) taking ``in_features`` in x's dtype and
+    device; 0 when anything is less than plain."""
+    if (
+        type(w) not in _PLAIN or w.dtype != x.dtype or w.dim() != 2
+        or w.shape[1] != in_features or not _beside(x, w)
+    ):  # fmt: skip
+        return 0
+    out_features = w.shape[0]
+    if b is not None and (
+        type(b) not in _PLAIN or b.dtype != x.dtype or b.dim() != 1
+        or b.shape[0] != out_features or not b.is_contiguous() or not _beside(x, b)
+    ):  # fmt: skip
+        return 0
+    return out_features
+
+
+def _beside(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """t on x's device (on CPU a flag read, not a device comparison)."""
+    return t.is_cpu if x.is_cpu else t.device == x.device
 
 
 def _check_linear(op: str, x_name: str, in_features: int, w_name: str, weight, b_name: str, bias):

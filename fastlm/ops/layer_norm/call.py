@@ -49,6 +49,7 @@ class LayerNormCall:
 
 
 _FLOAT = frozenset(C.FLOAT_DTYPES)
+_PLAIN = C.PLAIN_TENSORS
 
 
 def _plainly_valid(x, weight, bias, eps, residual) -> int:
@@ -62,7 +63,7 @@ def _plainly_valid(x, weight, bias, eps, residual) -> int:
     Likewise on CPU, where there is one device, ``is_cpu`` (a flag) stands in for comparing
     ``device`` objects.
     """
-    if type(x) is not torch.Tensor or x.dtype not in _FLOAT or not x.is_contiguous():
+    if type(x) not in _PLAIN or x.dtype not in _FLOAT or not x.is_contiguous():
         return 0
     shape = x.shape
     if not shape or not shape[-1]:
@@ -71,13 +72,13 @@ def _plainly_valid(x, weight, bias, eps, residual) -> int:
     device = None if on_cpu else x.device
     for t in (weight, bias):
         if t is not None and (
-            type(t) is not torch.Tensor or t.dtype not in _FLOAT or t.dim() != 1
+            type(t) not in _PLAIN or t.dtype not in _FLOAT or t.dim() != 1
             or t.numel() != n or not t.is_contiguous()
             or (not t.is_cpu if on_cpu else t.device != device)
         ):  # fmt: skip
             return 0
     if residual is not None and (
-        type(residual) is not torch.Tensor or residual.dtype != x.dtype
+        type(residual) not in _PLAIN or residual.dtype != x.dtype
         or residual.shape != shape or not residual.is_contiguous()
         or (not residual.is_cpu if on_cpu else residual.device != device)
     ):  # fmt: skip
