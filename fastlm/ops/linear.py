@@ -297,7 +297,7 @@ def widens_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     widened form widens them) and rounds its output once to x's dtype: where it would
     otherwise round after each product, convert each product's input back to fp32, and run
     attention, GELU and the residual adds in a half dtype the CPU has no unit for (MiniLM in
-    bf16, 32 x 128 tokens: 1.24x). CPU only, not under torch.compile or autocast (whose
+    bf16, 32 x 128 tokens: 1.23x). CPU only, not under torch.compile or autocast (whose
     policy chooses the dtypes there)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return False

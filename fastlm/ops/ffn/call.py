@@ -127,10 +127,10 @@ _PLAIN = C.PLAIN_TENSORS
 
 def _plainly_valid(x, w1, b1, w2, b2, residual, approximate) -> bool:
     """A cheap sufficient condition for the full checks of gelu_ffn to pass (linear_gelu's
-    when ``w2`` is None): plain tensors of x's float
-    dtype on x's device, x and the biases and residual contiguous, the shapes of a K -> N
-    (-> H) FFN, a known ``approximate``. The hot path of every model layer; False only
-    means "check everything", never "invalid"."""
+    when ``w2`` is None): plain tensors (a module's Parameters included) of x's float dtype
+    on x's device, x and the biases and residual contiguous, the shapes of a K -> N (-> H)
+    FFN, a known ``approximate``. The hot path of every model layer; False only means
+    "check everything", never "invalid"."""
     if (
         type(x) not in _PLAIN or x.dtype not in _FLOAT or not x.is_contiguous() or not x.dim()
         or type(approximate) is not str or approximate not in APPROXIMATIONS
