@@ -20,7 +20,9 @@ class GeluFFN(nn.Module):
     :meth:`from_linears` wraps existing layers (sharing their parameters): a Hugging Face
     BERT layer's ``intermediate.dense`` and ``output.dense``, or a GPT-2 MLP's ``c_fc`` and
     ``c_proj`` (Conv1D). ``forward(x, residual)`` adds ``residual`` in the second GEMM's
-    epilogue (BERT's ``output.dense(h) + input_tensor`` before its LayerNorm).
+    epilogue (BERT's ``output.dense(h) + input_tensor`` before its LayerNorm). On CPU a
+    half-precision GeluFFN given an fp32 ``x`` computes in fp32 on its exactly widened
+    weights (a half layer run in fp32: fastlm.ops.linear.widens_layer).
     """
 
     backend: str | None = None  # None: automatic choice (fastlm.backends)
