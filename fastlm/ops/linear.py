@@ -11,9 +11,10 @@ beat MKL's at some shapes of some hosts: on this project's 2-core AMD host (AVX2
 ``F.linear`` over BERT-base-sized layers at 1 and 32-128 rows and 1.5-2.3x over GPT-2's LM
 head, while the streamed form beats both at 2-16 rows (``benchmarks/bench_linear.py``); in
 a model, GPT-2 greedy generate at batch 1 1.7 s against 2.1-2.3 s with the other forms
-pinned, a BERT-base 1x128 forward 1.1-1.2x, MiniLM's layers a tie. It has no backward, so it serves only products whose operands autograd does
-not record (inference, ``no_grad``, frozen weights and inputs), fp32 only (this host's
-oneDNN has no half-precision inner product: without a half-precision unit it refuses one).
+pinned, a BERT-base 1x128 forward 1.1-1.2x, MiniLM's layers a tie. It has no backward,
+so it serves only products whose operands autograd does not record (inference,
+``no_grad``, frozen weights and inputs), fp32 only (this host's oneDNN has no
+half-precision inner product: without a half-precision unit it refuses one).
 
 **Half-precision products in fp32 ("widened").** A bf16 or fp16 GEMM is fast on a CPU with
 a half-precision matrix unit (AMX, AVX512-BF16); without one the BLAS converts as it goes
@@ -180,6 +181,12 @@ def _row_class(rows: int) -> int:
     return rows if rows in FEW_ROWS else PROBE_ROWS
 
 
+def _rows(x: torch.Tensor) -> int:
+    """R, the rows of x (..., K): its leading dimensions' product (0 for K = 0 too)."""
+    k = x.shape[-1]
+    return x.numel() // k if k else 0
+
+
 def _recorded(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an op on these operands."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -239,8 +246,7 @@ def _form(name: str) -> Callable:
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b in the fastest form that may serve it: pinned by FORM, else tried on the
     key's first real products and settled (see _tried)."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
+    rows = _rows(x)
     if FORM != "measure":
         if FORM not in _FORMS:
             raise ValueError(f"FASTLM_CPU_LINEAR must be one of {_FORMS}, got {FORM!r}")
@@ -299,13 +305,11 @@ def widens_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     attention, GELU and the residual adds in a half dtype the CPU has no unit for (MiniLM in
     bf16, 32 x 128 tokens: 1.23x). CPU only, not under torch.compile or autocast (whose
     policy chooses the dtypes there)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
+    if x.dtype not in HALF_DTYPES or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False  # the dtype first: an fp32 layer's check ends there
     if _autocast.dtype_for(x) is not None:
         return False
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    return _takes_widened(x, weight, bias, rows)
+    return _takes_widened(x, weight, bias, _rows(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,8 +324,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return linear(*_autocast.cast(amp, x, weight, bias))
     if x.dtype == torch.float32 and weight.dtype in HALF_DTYPES:
         weight, bias = widened_operands(x, weight, bias)
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
+    rows = _rows(x)
     if _takes_widened(x, weight, bias, rows):
         return _widened(x, weight, bias)
     return _product(x, weight, bias)

@@ -122,7 +122,7 @@ class _PostNormEncoder(_FastLayer):
         once (``widens_layer``)."""
         parts = self.__dict__[PARTS]
         dtype = hidden_states.dtype
-        in_fp32 = widens_layer(hidden_states, *weight_and_bias(parts.ffn.fc1, "GeluFFN", "fc1"))
+        in_fp32 = self._in_fp32(hidden_states)
         if (
             parts.skip_padding
             and isinstance(mask, torch.Tensor)
@@ -136,6 +136,12 @@ class _PostNormEncoder(_FastLayer):
             return pad_input(self._fused_ffn(x).to(dtype), where, batch, seq)
         x = hidden_states.float() if in_fp32 else hidden_states
         return self._fused_ffn(self._fused_self_attention(x, mask)).to(dtype)
+
+    def _in_fp32(self, x: torch.Tensor) -> bool:
+        """Whether this layer, given ``x``, runs wholly in fp32: a half-precision layer whose
+        largest product (its FFN's first) takes the widened form (``widens_layer``)."""
+        fc1 = self.__dict__[PARTS].ffn.fc1
+        return widens_layer(x, *weight_and_bias(fc1, "GeluFFN", "fc1"))
 
     def _fused_self_attention(self, x, key_padding_mask=None, **packed):
         """LN(x + dropout(attention(x))) over a padded (B, S, H) batch with its key padding
@@ -218,9 +224,7 @@ class _MPNetCall(_PostNormEncoder):
         # transformers' attention too (its projections are fastlm.nn.Linear, which widen
         # their half weights for an fp32 input), unless it returns its probabilities,
         # which stay in the model's dtype as stock's.
-        in_fp32 = not returns_probs and widens_layer(
-            hidden_states, *weight_and_bias(parts.ffn.fc1, "GeluFFN", "fc1")
-        )
+        in_fp32 = not returns_probs and self._in_fp32(hidden_states)
         outputs = self.attention(
             hidden_states.float() if in_fp32 else hidden_states, attention_mask,
             position_bias=position_bias, output_attentions=output_attentions,
